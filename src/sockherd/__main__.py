@@ -1,0 +1,3 @@
+from sockherd.cli import main
+
+raise SystemExit(main())

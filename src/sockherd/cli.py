@@ -1,0 +1,218 @@
+"""The ``sockherd`` command: parse, call the daemon, print. No logic of its own.
+
+Exit codes: 0 done, 1 the command failed (reason on stderr), 2 bad usage or config,
+3 no daemon answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sockherd import __version__
+from sockherd.client import Client, CommandFailed, DaemonUnreachable
+from sockherd.config import Config, ConfigError, load_config
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before or after the command; the sub-parser's default must not
+    # overwrite a value given before it.
+    default = None if top else argparse.SUPPRESS
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-c", "--config", type=Path, default=default, help="config file (default: discovered in .)")
+    group.add_argument("-i", "--ipc", type=Path, default=default, help="IPC socket of a running daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sockherd", description="Zero-downtime process manager for web workers.")
+    parser.add_argument("--version", action="version", version=f"sockherd {__version__}")
+    _common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        _common(sub, top=False)
+        return sub
+
+    daemon = command("daemon", "run the daemon in the foreground")
+    daemon.add_argument(
+        "--dev-server",
+        nargs="?",
+        const=0,
+        type=int,
+        metavar="PORT",
+        help="also serve http://127.0.0.1:PORT/ (default: dev_server from the config, else 8000)",
+    )
+    daemon.add_argument("--no-start", action="store_true", help="start the daemon with no workers (then `start`)")
+    daemon.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    status = command("status", "show the daemon and its workers")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    command("config", "print the running daemon's configuration (JSON)")
+    for name, help_ in (("start", "start the workers"), ("restart", "start a new generation, then retire the old")):
+        sub = command(name, help_)
+        sub.add_argument("--max-attempts", type=int, metavar="N", help="tries per worker (default: max_start_attempts)")
+    command("stop", "stop the workers (the daemon keeps running)")
+    command("reload", "re-read the config and apply it (restarting workers if needed)")
+    command("terminate", "stop the workers and the daemon")
+    init = command("init", "write a starter sockherd.toml and print nginx and systemd snippets")
+    init.add_argument("--force", action="store_true", help="overwrite an existing sockherd.toml")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "daemon":
+            return _run_daemon(args)
+        if args.command == "init":
+            from sockherd.init import run_init
+
+            return run_init(Path.cwd(), force=args.force)
+        return _run_client_command(args)
+    except ConfigError as exc:
+        print(f"sockherd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DaemonUnreachable as exc:
+        print(f"sockherd: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except CommandFailed as exc:
+        print(f"sockherd: {args.command} failed: {exc}", file=sys.stderr)
+        output = exc.data.get("output") if isinstance(exc.data, dict) else None
+        if output:
+            print("last output of the failed worker:", file=sys.stderr)
+            for line in output:
+                print(f"  | {line}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `sockherd status | head`: the reader left, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _ipc_path(args: argparse.Namespace) -> Path:
+    if args.ipc is not None:
+        return Path(args.ipc)
+    return _load(args).ipc_path
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from sockherd.daemon.daemon import Daemon, DaemonError
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s sockherd[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    config = _load(args)
+    port = config.dev_server
+    if args.dev_server is not None:
+        port = args.dev_server or config.dev_server or 8000
+
+    async def run() -> int:
+        daemon = Daemon(config, dev_server_port=port, start_workers=not args.no_start)
+        return await daemon.run()
+
+    try:
+        return asyncio.run(run())
+    except DaemonError as exc:
+        print(f"sockherd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _run_client_command(args: argparse.Namespace) -> int:
+    with Client(_ipc_path(args)) as client:
+        if args.command == "status":
+            status = client.call("status")
+            print(json.dumps(status, indent=2) if args.json else format_status(status))
+            return 0
+        if args.command == "config":
+            print(json.dumps(client.call("config"), indent=2))
+            return 0
+        data: dict[str, Any] = {}
+        if getattr(args, "max_attempts", None) is not None:
+            data["max_attempts"] = args.max_attempts
+        result = client.call(args.command, data or None, on_progress=_progress)
+        print(_summary(args.command, result))
+        return 0
+
+
+def _summary(command: str, result: Any) -> str:
+    result = result if isinstance(result, dict) else {}
+    if command == "start" and result.get("result") is False:
+        return "already running"
+    if command in ("start", "restart"):
+        workers = result.get("status", {}).get("workers", [])
+        pids = ", ".join(str(w["pid"]) for w in workers if w.get("published"))
+        return f"{command} done: serving from pid(s) {pids}"
+    if command == "stop":
+        return f"stopped {result.get('stopped', 0)} worker(s)"
+    if command == "reload":
+        return f"reload done: {result.get('result')}"
+    return f"{command} done"
+
+
+def _age(since: float | None) -> str:
+    if since is None:
+        return "-"
+    seconds = int(time.time() - since)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    d = status["daemon"]
+    lines = [
+        f"{d['name']}: daemon pid {d['pid']} ({d['state']}), generation {d['generation'] or '-'}, "
+        f"{d['workers']} worker(s), up {_age(d['started_at'])}"
+        + (f", {d['operation']} in progress" if d.get("operation") else "")
+    ]
+    header = ("ID", "PID", "INDEX", "STATE", "GEN", "UPTIME", "RESTARTS", "SYMLINK")
+    rows = [
+        (
+            w["id"],
+            str(w["pid"]),
+            "standby" if w["index"] is None else str(w["index"]),
+            w["state"] + (f" ({w['broken_reason']})" if w.get("broken_reason") else ""),
+            str(w["generation"]),
+            _age(w["started_at"]),
+            str(w["restarts"]),
+            Path(w["symlink"]).name if w.get("symlink") else "-",
+        )
+        for w in status["workers"]
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    for slot in status.get("slots", []):
+        if slot.get("next_attempt_at"):
+            wait = max(0.0, slot["next_attempt_at"] - time.time())
+            lines.append(
+                f"slot {slot['index']}: crash loop ({slot['crash_loop']} in a row), next attempt in {wait:.1f}s"
+            )
+    return "\n".join(lines)

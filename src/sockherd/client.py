@@ -1,0 +1,136 @@
+"""A blocking IPC client for the CLI and for users' own scripts.
+
+with Client("/run/app/sockherd.ipc") as daemon:
+    daemon.call("restart", on_progress=print)
+    print(daemon.call("status")["workers"])
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sockherd import protocol
+from sockherd.protocol import FrameBuffer, Message, ProtocolError
+
+CONNECT_TIMEOUT = 5.0
+
+
+class DaemonUnreachable(Exception):
+    """No daemon answers on the IPC socket."""
+
+
+class CommandFailed(Exception):
+    """The daemon answered with errors."""
+
+    def __init__(self, errors: tuple[str, ...], data: Any = None) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+        self.data = data
+
+
+class Client:
+    def __init__(self, ipc_path: str | os.PathLike[str], *, timeout: float | None = None) -> None:
+        self.ipc_path = Path(ipc_path)
+        self.timeout = timeout  # per read while waiting for replies; None waits as long as the daemon works
+        self._sock: socket.socket | None = None
+        self._frames = FrameBuffer()
+        self._pending: list[bytes] = []
+        self._ids = itertools.count(1)
+        self.daemon_info: dict[str, Any] = {}
+
+    def __enter__(self) -> Client:
+        if self._sock is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object | TracebackType | None) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(str(self.ipc_path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise DaemonUnreachable(f"no sockherd daemon is listening on {self.ipc_path} ({exc.strerror})") from None
+        except PermissionError:
+            sock.close()
+            raise DaemonUnreachable(f"{self.ipc_path}: permission denied (the daemon runs as another user)") from None
+        except TimeoutError:
+            sock.close()
+            raise DaemonUnreachable(f"the daemon on {self.ipc_path} did not accept within {CONNECT_TIMEOUT}s") from None
+        self._sock = sock
+        hello = {"role": protocol.ROLE_CLIENT, "pid": os.getpid(), "version": protocol.PROTOCOL_VERSION}
+        try:
+            self.daemon_info = self.call("hello", hello, timeout=CONNECT_TIMEOUT)
+        except (CommandFailed, DaemonUnreachable):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _read_frame(self, timeout: float | None) -> bytes:
+        assert self._sock is not None
+        self._sock.settimeout(timeout)
+        while not self._pending:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise DaemonUnreachable(f"the daemon did not answer within {timeout}s") from None
+            except ConnectionError as exc:
+                raise DaemonUnreachable(f"the daemon closed the connection ({exc.strerror})") from None
+            if not data:
+                raise DaemonUnreachable("the daemon closed the connection")
+            self._pending.extend(self._frames.feed(data))
+        return self._pending.pop(0)
+
+    def request(self, type_: str, data: Any = None, *, timeout: float | None = None) -> Iterator[Message]:
+        """Send a request and yield its replies; the last one has ``done`` set."""
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        request_id = next(self._ids)
+        self._sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            self._sock.sendall(protocol.message(type_, data, id=request_id))
+        except OSError as exc:
+            raise DaemonUnreachable(f"could not send to the daemon: {exc}") from None
+        while True:
+            try:
+                msg = protocol.decode(self._read_frame(timeout if timeout is not None else self.timeout))
+            except ProtocolError as exc:
+                raise DaemonUnreachable(f"the daemon sent something this client cannot read: {exc}") from None
+            if not msg.is_reply or msg.request_id != request_id:
+                continue  # not ours (nothing else is sent to clients today)
+            yield msg
+            if msg.done:
+                return
+
+    def call(
+        self,
+        type_: str,
+        data: Any = None,
+        *,
+        on_progress: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send a request and return the final reply's data; errors raise CommandFailed."""
+        for reply in self.request(type_, data, timeout=timeout):
+            if reply.errors:
+                raise CommandFailed(reply.errors, reply.data)
+            if not reply.done:
+                if on_progress is not None and isinstance(reply.data, dict) and "progress" in reply.data:
+                    on_progress(str(reply.data["progress"]))
+                continue
+            return reply.data
+        raise DaemonUnreachable("the daemon ended the answer early")  # pragma: no cover

@@ -1,0 +1,185 @@
+"""The daemon's IPC server: owner-only, credential-checked, hostile-input-proof.
+
+Every byte on this socket is untrusted. A malformed or oversized frame closes that one
+connection; an unknown request gets an error reply; nothing a peer sends can raise out
+of here, and no peer can make the daemon buffer without bound (frames are capped,
+in-flight requests per connection are capped, and a peer that stops reading its
+replies is dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sockherd import protocol
+from sockherd.protocol import Message, ProtocolError
+
+log = logging.getLogger("sockherd")
+
+MAX_CONNECTIONS = 1024
+MAX_INFLIGHT_PER_CONNECTION = 32
+MAX_UNREAD_REPLY_BYTES = 8 << 20
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, as the kernel saw it connect."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+class Connection:
+    """One peer. ``role`` and ``worker_id`` are set by a successful hello."""
+
+    def __init__(self, writer: asyncio.StreamWriter, pid: int, uid: int) -> None:
+        self._writer = writer
+        self.pid = pid
+        self.uid = uid
+        self.role: str | None = None
+        self.worker_id: str | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Connection pid={self.pid} role={self.role}>"
+
+    @property
+    def is_open(self) -> bool:
+        return not self._writer.is_closing()
+
+    def send(self, frame: bytes) -> None:
+        if self._writer.is_closing():
+            return
+        if self._writer.transport.get_write_buffer_size() > MAX_UNREAD_REPLY_BYTES:
+            log.warning("IPC: pid %d does not read its replies; dropping the connection", self.pid)
+            self.close()
+            return
+        self._writer.write(frame)
+
+    def reply(
+        self, request_id: int | str, data: Any = None, *, errors: list[str] | None = None, done: bool = True
+    ) -> None:
+        try:
+            self.send(protocol.reply(request_id, data, errors=errors, done=done))
+        except ProtocolError as exc:  # a reply too large to frame: say so instead
+            self.send(protocol.reply(request_id, errors=[str(exc)]))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+MessageHandler = Callable[[Connection, Message], Awaitable[None]]
+
+
+class IpcServer:
+    def __init__(
+        self,
+        path: Path,
+        on_message: MessageHandler,
+        on_disconnect: Callable[[Connection], None],
+        *,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.path = path
+        self._on_message = on_message
+        self._on_disconnect = on_disconnect
+        self._sock = sock
+        self._server: asyncio.Server | None = None
+        self.connections: set[Connection] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        if self._sock is None:
+            self._sock = bind_private_unix_socket(self.path)
+        self._server = await asyncio.start_unix_server(self._serve, sock=self._sock, limit=protocol.MAX_FRAME)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        # Let each connection's reader see EOF and end normally: a handler task still
+        # pending when the loop closes is cancelled, and asyncio logs that as an error.
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=1.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        sock: socket.socket = writer.get_extra_info("socket")
+        try:
+            pid, uid, _ = peer_credentials(sock)
+        except OSError:
+            writer.close()
+            return
+        if uid not in (os.getuid(), 0):
+            log.warning("IPC: refused a connection from uid %d (pid %d): not this daemon's user", uid, pid)
+            writer.close()
+            return
+        if len(self.connections) >= MAX_CONNECTIONS:
+            log.warning("IPC: %d connections open; refusing pid %d", len(self.connections), pid)
+            writer.close()
+            return
+        conn = Connection(writer, pid, uid)
+        self.connections.add(conn)
+        try:
+            await self._read_loop(reader, conn)
+        except ProtocolError as exc:
+            log.warning("IPC: closing the connection of pid %d: %s", pid, exc)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.connections.discard(conn)
+            self._on_disconnect(conn)
+            writer.close()
+
+    async def _read_loop(self, reader: asyncio.StreamReader, conn: Connection) -> None:
+        while (frame := await protocol.read_frame(reader)) is not None:
+            msg = protocol.decode(frame)
+            if conn.role is None or msg.id is None:
+                # hello and one-way messages are handled in order, before the next frame
+                await self._handle(conn, msg)
+                continue
+            if len(conn.tasks) >= MAX_INFLIGHT_PER_CONNECTION:
+                raise ProtocolError(f"more than {MAX_INFLIGHT_PER_CONNECTION} requests in flight")
+            task = asyncio.create_task(self._handle(conn, msg))
+            conn.tasks.add(task)
+            task.add_done_callback(conn.tasks.discard)
+
+    async def _handle(self, conn: Connection, msg: Message) -> None:
+        try:
+            await self._on_message(conn, msg)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a bug in a handler must not take the daemon down
+            log.exception("IPC: handling %r from pid %d failed", msg.type, conn.pid)
+            if msg.id is not None:
+                conn.reply(msg.id, errors=[f"internal error handling {msg.type!r}: {exc}"])
+
+
+def bind_private_unix_socket(path: Path) -> socket.socket:
+    """A listening socket only its owner can connect to, with no window where it is wider."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,402 @@
+"""One worker process: spawn, readiness, exit watch and the staged shutdown ladder.
+
+A Worker owns its own state machine (``spawning → running → online → terminating →
+dead``); the herd decides what to do with it. Every wait here has a deadline, and
+every deadline has an escalation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import secrets
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from sockherd import protocol
+from sockherd.config import Config, Timeouts, WorkerSpec, render_command
+from sockherd.daemon.reaper import Reaper, kill_process_group, send_signal
+
+log = logging.getLogger("sockherd")
+
+# Variables a worker inherits from the daemon without being named in `env`: what any
+# program needs to find its tools, its home and its locale, and nothing that could
+# carry the daemon's secrets.
+BASE_ENV_ALLOWLIST = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "JOURNAL_STREAM",
+    "INVOCATION_ID",
+)
+_PROBE_FIRST_DELAY = 0.005
+_PROBE_MAX_DELAY = 0.1
+_REAP_AFTER_KILL = 5.0
+
+
+class WorkerState(enum.StrEnum):
+    SPAWNING = "spawning"
+    RUNNING = "running"
+    ONLINE = "online"
+    SUSPENDED = "suspended"
+    BROKEN = "broken"
+    TERMINATING = "terminating"
+    DEAD = "dead"
+
+
+class StartError(Exception):
+    """A worker failed to come online: exited, timed out, or could not be executed."""
+
+    def __init__(self, worker: Worker, reason: str) -> None:
+        super().__init__(reason)
+        self.worker = worker
+        self.reason = reason
+
+
+class FrameSink(Protocol):
+    """The daemon's end of a worker's IPC connection."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def send(self, frame: bytes) -> None: ...
+
+
+def new_worker_id(index: int | None) -> str:
+    return f"{'s' if index is None else index}-{secrets.token_hex(3)}"
+
+
+def worker_environment(spec: WorkerSpec, environ: Mapping[str, str], contract: Mapping[str, str]) -> dict[str, str]:
+    """Build a worker's environment from an allow-list, never by copying the daemon's."""
+    allowed = set(BASE_ENV_ALLOWLIST) | set(spec.env)
+    env = {k: v for k, v in environ.items() if k in allowed or k.startswith("LC_")}
+    env.update(spec.environment)
+    env.update(contract)
+    return env
+
+
+def output_tail(spec: WorkerSpec, lines: int = 10) -> list[str]:
+    """The last lines of the worker's log file, for a failed start's error message."""
+    path = spec.stderr or spec.stdout
+    if path is None:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return tail.splitlines()[-lines:]
+
+
+def _open_output(path: Path | None) -> int | None:
+    # O_APPEND and handed straight to the worker: a dead daemon never breaks its writes.
+    if path is None:
+        return None
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        spec: WorkerSpec,
+        timeouts: Timeouts,
+        index: int | None,
+        generation: int,
+        reaper: Reaper,
+        on_exit: Callable[[Worker, int], None],
+        restarts: int = 0,
+    ) -> None:
+        self.id = new_worker_id(index)
+        self.index = index
+        self.generation = generation
+        self.spec = spec
+        self.timeouts = timeouts
+        self.restarts = restarts
+        self.socket_path = config.worker_socket_path(self.id)
+        self._ipc_path = config.ipc_path
+        self._notify_path = config.notify_path
+        self._reaper = reaper
+        self._on_exit_callback = on_exit
+        self.state = WorkerState.SPAWNING
+        self.pid: int | None = None
+        self._pidfd: int | None = None
+        self.started_at = time.time()
+        self.online_at: float | None = None
+        self.exit_code: int | None = None
+        self.broken_reason: str | None = None
+        self.status_text: str | None = None
+        self.link: FrameSink | None = None
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self._online: asyncio.Future[None] = loop.create_future()
+        self._stop_task: asyncio.Task[None] | None = None
+        self._killed = False
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} pid={self.pid} {self.state}>"
+
+    @property
+    def label(self) -> str:
+        slot = "standby" if self.index is None else f"#{self.index}"
+        return f"worker {slot} ({self.id}, pid {self.pid})"
+
+    @property
+    def stopping(self) -> bool:
+        """True once the daemon began shutting it down: its exit is expected."""
+        return self._stop_task is not None or self._killed
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and not self.exited.done()
+
+    # -- spawn -------------------------------------------------------------------------
+
+    def _contract(self) -> dict[str, str]:
+        return {
+            "SOCKHERD_SOCKET": str(self.socket_path),
+            "SOCKHERD_WORKER_ID": self.id,
+            "SOCKHERD_INDEX": "standby" if self.index is None else str(self.index),
+            "SOCKHERD_IPC": str(self._ipc_path),
+            "SOCKHERD_SUSPENDED": "0",
+            "SOCKHERD_SOCKET_MODE": f"{self.spec.socket_mode:o}",
+            "SOCKHERD_BACKLOG": str(self.spec.backlog),
+            "NOTIFY_SOCKET": str(self._notify_path),
+        }
+
+    def _popen(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        stdout = _open_output(self.spec.stdout)
+        stderr = _open_output(self.spec.stderr)
+        try:
+            return subprocess.Popen(
+                argv,
+                cwd=self.spec.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,  # own session: a terminal's ^C reaches the daemon only
+                restore_signals=True,
+                close_fds=True,
+            )
+        finally:
+            for fd in (stdout, stderr):
+                if fd is not None:
+                    os.close(fd)
+
+    async def spawn(self) -> None:
+        """fork+exec the worker (never a bare fork of this asyncio process)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # ids are random, but never bind over a leftover
+        argv = render_command(
+            self.spec.command,
+            socket=str(self.socket_path),
+            worker_id=self.id,
+            index="standby" if self.index is None else str(self.index),
+        )
+        env = worker_environment(self.spec, os.environ, self._contract())
+        loop = asyncio.get_running_loop()
+        # Popen blocks until exec succeeds; in a thread, so a hung exec has a deadline.
+        future = loop.run_in_executor(None, self._popen, argv, env)
+        try:
+            proc = await asyncio.wait_for(asyncio.shield(future), self.timeouts.spawn)
+        except TimeoutError:
+            future.add_done_callback(_kill_late_spawn)
+            self._mark_dead(-1)
+            raise StartError(
+                self, f"could not execute {argv[0]!r} within spawn_timeout ({self.timeouts.spawn}s)"
+            ) from None
+        except OSError as exc:
+            self._mark_dead(-1)
+            raise StartError(self, f"could not execute {argv[0]!r}: {exc.strerror or exc}") from None
+        self.pid = proc.pid
+        proc.returncode = 0  # the Reaper reaps it: Popen must never waitpid a reused pid
+        with contextlib.suppress(OSError):
+            self._pidfd = os.pidfd_open(self.pid)
+        self.state = WorkerState.RUNNING
+        self._reaper.watch_child(self.pid, self._on_exit)
+        log.info("%s spawned (generation %d): %s", self.label, self.generation, " ".join(argv))
+
+    # -- readiness ---------------------------------------------------------------------
+
+    def report_online(self, via: str) -> None:
+        if self._online.done() or not self.alive:
+            return
+        log.debug("%s reported ready via %s", self.label, via)
+        self._online.set_result(None)
+
+    async def wait_online(self) -> None:
+        """Until ready and its socket accepts, or raise StartError (the worker is killed)."""
+        deadline = asyncio.get_running_loop().time() + self.timeouts.online
+        try:
+            async with asyncio.timeout_at(deadline):
+                if self.spec.ready == "notify":
+                    await self._race_exit(self._online, "before it reported ready")
+                await self._race_exit(asyncio.ensure_future(self._probe_socket()), "before its socket accepted")
+        except TimeoutError:
+            what = "report ready" if not self._online.done() else "accept connections on its socket"
+            await self.kill()
+            raise StartError(self, f"did not {what} within online_timeout ({self.timeouts.online}s)") from None
+        with contextlib.suppress(OSError):
+            os.chmod(self.socket_path, self.spec.socket_mode)  # whatever mode the server chose
+        self.state = WorkerState.ONLINE
+        self.online_at = time.time()
+        if not self._online.done():
+            self._online.set_result(None)
+        log.info("%s online after %.3fs", self.label, self.online_at - self.started_at)
+
+    async def _race_exit(self, awaitable: asyncio.Future[None], when: str) -> None:
+        watched: set[asyncio.Future[Any]] = {awaitable, self.exited}
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if awaitable is not self._online:
+                awaitable.cancel()
+        if self.exited in done:
+            raise StartError(self, f"exited with {describe_exit(self.exited.result())} {when}")
+        awaitable.result()
+
+    async def _probe_socket(self) -> None:
+        """Connect to the worker's own socket until it accepts (readiness = "socket")."""
+        delay = _PROBE_FIRST_DELAY
+        while True:
+            try:
+                _, writer = await asyncio.open_unix_connection(str(self.socket_path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _PROBE_MAX_DELAY)
+                continue
+            except BlockingIOError:  # backlog full: it is accepting, just busy
+                return
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+    # -- exit and shutdown -------------------------------------------------------------
+
+    def _on_exit(self, code: int) -> None:
+        self._mark_dead(code)
+        self._on_exit_callback(self, code)
+
+    def _mark_dead(self, code: int) -> None:
+        self.state = WorkerState.DEAD
+        self.exit_code = code
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                os.unlink(self.socket_path)
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+    def signal(self, sig: int) -> bool:
+        if not self.alive or self.pid is None:
+            return False
+        return send_signal(self.pid, sig, self._pidfd)
+
+    async def _wait_exit(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Staged shutdown; concurrent callers share one ladder. Returns once reaped."""
+        if not self.alive:
+            return
+        if self._stop_task is None:
+            self.state = WorkerState.TERMINATING
+            self._stop_task = asyncio.create_task(self._shutdown_ladder(), name=f"stop {self.id}")
+        await asyncio.shield(self._stop_task)
+
+    async def _shutdown_ladder(self) -> None:
+        t = self.timeouts
+        if self.link is not None and self.link.is_open:
+            first = "the shutdown message"
+            self.link.send(protocol.message("shutdown"))
+        else:
+            first = self.spec.stop_signal.name
+            self.signal(self.spec.stop_signal)
+        log.info("%s stopping: sent %s", self.label, first)
+        if await self._wait_exit(t.shutdown):
+            self._kill_leftovers()
+            return
+        log.warning("%s still running %.1fs after %s: sending SIGTERM", self.label, t.shutdown, first)
+        self.signal(signal.SIGTERM)
+        if await self._wait_exit(t.kill):
+            self._kill_leftovers()
+            return
+        log.error("%s ignored SIGTERM for %.1fs: sending SIGKILL", self.label, t.kill)
+        await self.kill()
+
+    async def kill(self) -> None:
+        """SIGKILL the worker and its process group, and wait until it is reaped."""
+        if not self.alive:
+            return
+        self._killed = True
+        self.signal(signal.SIGKILL)
+        self._kill_leftovers()
+        if not await self._wait_exit(_REAP_AFTER_KILL):
+            log.error("%s not reaped %.0fs after SIGKILL (uninterruptible sleep?)", self.label, _REAP_AFTER_KILL)
+
+    def _kill_leftovers(self) -> None:
+        # The worker leads its own process group: whatever it left there (a wrapper
+        # script's children) must not outlive it.
+        if self.pid is not None:
+            kill_process_group(self.pid)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "index": self.index,
+            "state": str(self.state),
+            "socket": str(self.socket_path),
+            "generation": self.generation,
+            "started_at": self.started_at,
+            "online_at": self.online_at,
+            "restarts": self.restarts,
+            "integrated": self.link is not None and self.link.is_open,
+            "broken_reason": self.broken_reason,
+            "status_text": self.status_text,
+            "exit_code": self.exit_code,
+        }
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
+
+
+def _kill_late_spawn(future: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    """A spawn that outlived its deadline: kill it the moment it exists."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    proc = future.result()
+    proc.returncode = 0  # reaped by the Reaper, like every child
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

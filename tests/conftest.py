@@ -1,0 +1,43 @@
+"""Shared fixtures: every process a test starts is stopped in a fixture's teardown."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support.daemon import RunningDaemon, running_daemon
+from support.nginx import Nginx
+
+DaemonFactory = Callable[..., RunningDaemon]
+NginxFactory = Callable[..., Nginx]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """``start_daemon({"command": [...], "workers": 2}, "--dev-server=0")`` → RunningDaemon."""
+    with contextlib.ExitStack() as stack:
+
+        def start(settings: dict[str, Any], *args: str) -> RunningDaemon:
+            return stack.enter_context(running_daemon(tmp_path, settings, *args))
+
+        yield start
+
+
+@pytest.fixture
+def start_nginx(tmp_path: Path) -> Iterator[NginxFactory]:
+    started: list[Nginx] = []
+
+    def start(sockets: list[Path], *, keepalive: bool, max_fails: int = 0) -> Nginx:
+        workdir = tmp_path / f"nginx{len(started)}"
+        workdir.mkdir()
+        nginx = Nginx(workdir, sockets, keepalive=keepalive, max_fails=max_fails)
+        started.append(nginx)
+        return nginx
+
+    yield start
+    for nginx in started:
+        nginx.stop()

@@ -1,0 +1,195 @@
+"""Run a real sockherd daemon in a subprocess, and clean up everything it started."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from sockherd.client import Client, DaemonUnreachable
+
+REPO = Path(__file__).resolve().parents[2]
+TINYAPP = REPO / "tests" / "apps" / "tinyapp.py"
+EXAMPLE = REPO / "examples" / "hello"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_config(path: Path, settings: Mapping[str, Any]) -> Path:
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in settings.items()))
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    """Poll a condition with a deadline (for state only observable by asking)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def short_tmp_dir() -> Path:
+    # pytest's tmp_path is too long for sun_path (108 bytes) once socket names are added.
+    return Path(tempfile.mkdtemp(prefix="sh-", dir="/tmp"))
+
+
+class RunningDaemon:
+    def __init__(self, workdir: Path, settings: dict[str, Any], args: list[str]) -> None:
+        self.workdir = workdir
+        self.tmp_dir = Path(settings["tmp_dir"])
+        self.config_path = write_config(workdir / "sockherd.toml", settings)
+        self.ipc = self.tmp_dir / settings.get("ipc_file", "sockherd.ipc")
+        self.lines: list[str] = []
+        self._new_line = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sockherd", "daemon", "-c", str(self.config_path), "--log-level", "debug", *args],
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+
+    def _read_output(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._new_line:
+                self.lines.append(line.rstrip("\n"))
+                self._new_line.notify_all()
+        with self._new_line:
+            self._new_line.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._new_line:
+            return "\n".join(self.lines)
+
+    def wait_log(self, pattern: str, timeout: float = 15.0, start: int = 0) -> re.Match[str]:
+        """Block until a daemon log line matches: the daemon's log is its event stream."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._new_line:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no log line matched {pattern!r}; log:\n" + "\n".join(self.lines[-60:]))
+                self._new_line.wait(remaining)
+
+    def mark(self) -> int:
+        with self._new_line:
+            return len(self.lines)
+
+    def client(self) -> Client:
+        client = Client(self.ipc, timeout=60)
+        client.connect()
+        return client
+
+    def call(self, command: str, data: Any = None) -> Any:
+        with self.client() as client:
+            return client.call(command, data)
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("status")
+        return result
+
+    def published_pids(self) -> set[int]:
+        return {w["pid"] for w in self.status()["workers"] if w["published"]}
+
+    def wait_ready(self, workers: int, timeout: float = 20.0) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log}")
+            try:
+                status = self.status()
+            except (DaemonUnreachable, OSError):
+                return None
+            online = [w for w in status["workers"] if w["published"] and w["state"] == "online"]
+            return status if len(online) == workers and status["daemon"]["operation"] is None else None
+
+        result: dict[str, Any] = wait_for(ready, timeout, f"{workers} published workers")
+        return result
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sockherd", *args, "-c", str(self.config_path)],
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def worker_processes(self) -> list[psutil.Process]:
+        """Every live process started for this daemon (found by its IPC path in the environment)."""
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("SOCKHERD_IPC") == str(self.ipc):
+                    found.append(proc)
+        return found
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for proc in self.worker_processes():
+            with contextlib.suppress(psutil.Error):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def tinyapp_command(*flags: str) -> list[str]:
+    return [sys.executable, str(TINYAPP), "{socket}", *flags]
+
+
+@contextlib.contextmanager
+def running_daemon(workdir: Path, settings: Mapping[str, Any], *args: str) -> Iterator[RunningDaemon]:
+    config = {"tmp_dir": str(short_tmp_dir()), **settings}
+    daemon = RunningDaemon(workdir, config, list(args))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

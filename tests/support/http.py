@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-_PID = re.compile(rb"pid=(\d+)")
+_PID = re.compile(rb"pid[= ](\d+)")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from sockherd.protocol import Message, ProtocolError
 
 log = logging.getLogger("sockherd")
 
-MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS = 256  # x MAX_FRAME bounds what readers can buffer
 MAX_INFLIGHT_PER_CONNECTION = 32
 MAX_UNREAD_REPLY_BYTES = 8 << 20
 

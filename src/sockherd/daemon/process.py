@@ -16,6 +16,7 @@ import secrets
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -84,9 +85,26 @@ def worker_environment(spec: WorkerSpec, environ: Mapping[str, str], contract: M
     """Build a worker's environment from an allow-list, never by copying the daemon's."""
     allowed = set(BASE_ENV_ALLOWLIST) | set(spec.env)
     env = {k: v for k, v in environ.items() if k in allowed or k.startswith("LC_")}
+    _prefer_own_virtualenv(env)
     env.update(spec.environment)
     env.update(contract)
     return env
+
+
+def _prefer_own_virtualenv(env: dict[str, str]) -> None:
+    """Workers find the virtualenv the daemon runs from first on PATH.
+
+    The daemon is installed into the application's virtualenv; ``command = ["python",
+    ...]`` must mean that environment's python even when nobody activated it (a
+    systemd unit calling .venv/bin/sockherd, say).
+    """
+    if sys.prefix == sys.base_prefix:
+        return
+    bin_dir = os.path.dirname(sys.executable)
+    path = env.get("PATH", os.defpath).split(os.pathsep)
+    if not path or path[0] != bin_dir:
+        env["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
+    env.setdefault("VIRTUAL_ENV", sys.prefix)
 
 
 def output_tail(spec: WorkerSpec, lines: int = 10) -> list[str]:

@@ -157,3 +157,19 @@ def test_sigkilled_worker_is_replaced_without_failing_a_get(
         load.wait_requests(300)
     result = load.stop()
     assert result.failures == [], result.failures[:10]
+
+
+def test_killing_the_daemon_drops_no_request(start_daemon: DaemonFactory, start_nginx: NginxFactory) -> None:
+    """Invariant 1: traffic never flows through the daemon."""
+    daemon = start_daemon({**EXAMPLE_APP, "workers": 2})
+    pids = {w["pid"] for w in daemon.wait_ready(2, timeout=30)["workers"]}
+    nginx = start_nginx(symlinks(daemon, 2), keepalive=True)
+    with LoadGenerator(nginx.port, concurrency=16, post_every=4) as load:
+        load.wait_requests(200)
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        load.wait_requests(2000)
+    result = load.stop()
+    assert result.failures == [], result.failures[:10]
+    assert set(result.pids) == pids
+    assert all(psutil.pid_exists(pid) for pid in pids), "workers outlive their daemon"

@@ -420,3 +420,32 @@ def test_status_table_and_json(start_daemon: DaemonFactory) -> None:
     for field in ("id", "pid", "index", "state", "socket", "started_at", "restarts"):
         assert field in data["workers"][0]
     assert {"daemon", "workers"} <= set(data)
+
+
+def _listen_backlog(path: str) -> int:
+    """Send-Q of a listening UNIX socket in `ss` is its listen() backlog."""
+    out = subprocess.run(["ss", "-xlH"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if path in fields:
+            return int(fields[3])
+    raise AssertionError(f"{path} is not a listening socket:\n{out}")
+
+
+def test_worker_sockets_listen_with_the_configured_backlog(start_daemon: DaemonFactory) -> None:
+    # Python's default listen() backlog is 100; a full UNIX backlog makes nginx fail at
+    # once with EAGAIN (puma #1449), so the library passes the configured one.
+    example = Path(__file__).resolve().parents[2] / "examples" / "hello"
+    command = [sys.executable, "-m", "sockherd.uvicorn", "hello:app"]
+    daemon = start_daemon({"command": command, "cwd": str(example), "backlog": 777})
+    worker = daemon.wait_ready(1, timeout=30)["workers"][0]
+    assert _listen_backlog(worker["socket"]) == 777
+    assert worker["integrated"], "the library connected to the daemon"
+
+
+def test_default_backlog_is_somaxconn(tmp_path: Path) -> None:
+    from sockherd.config import load_config
+
+    (tmp_path / "sockherd.toml").write_text('command = ["x"]\ntmp_dir = "/tmp/sh-x"\n')
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert load_config(tmp_path / "sockherd.toml").worker.backlog == somaxconn

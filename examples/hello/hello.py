@@ -1,0 +1,94 @@
+"""A plain ASGI app served as a sockherd worker: ``python -m sockherd.uvicorn hello:app``.
+
+No framework, so that everything between nginx and the app is visible:
+
+* ``GET /`` greets with the worker's id and pid (run it twice across a
+  ``sockherd restart`` to watch the pid change without a failed request);
+* ``POST /echo`` returns the request body;
+* ``GET /slow?ms=N`` answers after N milliseconds (a request to drain during a restart);
+* ``GET /pid`` returns just the pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from sockherd import worker
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_SLOW_MS = 60_000
+
+
+@worker.on_shutdown
+def goodbye() -> None:
+    """Runs once, after the server has drained: the place to flush and close things."""
+    print(f"hello: worker {worker.id} (pid {os.getpid()}) drained; shutdown hook ran", file=sys.stderr, flush=True)
+
+
+async def respond(
+    send: Send, status: int, body: str | bytes, content_type: bytes = b"text/plain; charset=utf-8"
+) -> None:
+    data = body.encode() if isinstance(body, str) else body
+    headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        await lifespan(receive, send)
+        return
+    if scope["type"] != "http":
+        return
+    method, path = scope["method"], scope["path"]
+    if path == "/" and method in ("GET", "HEAD"):
+        who = worker.id if worker.id is not None else "standalone"
+        await respond(send, 200, f"hello from worker {who} (index {worker.index}, pid {os.getpid()})\n")
+    elif path == "/pid" and method == "GET":
+        await respond(send, 200, f"{os.getpid()}\n")
+    elif path == "/echo" and method == "POST":
+        await respond(send, 200, await read_body(receive), b"application/octet-stream")
+    elif path == "/slow" and method == "GET":
+        query = parse_qs(scope["query_string"].decode("latin-1"))
+        try:
+            ms = min(int(query.get("ms", ["200"])[0]), MAX_SLOW_MS)
+        except ValueError:
+            await respond(send, 400, "ms must be an integer\n")
+            return
+        await asyncio.sleep(ms / 1000)
+        await respond(send, 200, f"slept {ms} ms in pid {os.getpid()}\n")
+    elif path in ("/", "/pid", "/echo", "/slow"):
+        await respond(send, 405, "method not allowed\n")
+    else:
+        await respond(send, 404, "not found\n")

@@ -1,0 +1,307 @@
+"""``python -m sockherd.uvicorn`` on the example app, driven by a fake daemon.
+
+The worker is a real process with the environment the daemon would give it; the test
+plays the daemon (a threaded AF_UNIX server speaking the real protocol) and nginx (raw
+HTTP/1.1 over the worker's socket). Every wait is on an event with a deadline: the
+daemon's ``online``, a line in the worker's log, a response, the exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sockherd import protocol
+
+TIMEOUT = 10.0
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
+
+
+class FakeDaemon:
+    """Accepts one worker connection at a time, answers hello, records what it receives."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.received: list[protocol.Message] = []
+        self._conns: list[socket.socket] = []
+        self._cond = threading.Condition()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        frames = protocol.FrameBuffer()
+        while data := conn.recv(65536):
+            for frame in frames.feed(data):
+                msg = protocol.decode(frame)
+                if msg.type == "hello" and msg.id is not None:
+                    conn.sendall(protocol.reply(msg.id, {}))
+                with self._cond:
+                    self.received.append(msg)
+                    self._cond.notify_all()
+
+    def wait_message(self, type_: str) -> protocol.Message:
+        with self._cond:
+            if not self._cond.wait_for(lambda: any(m.type == type_ for m in self.received), TIMEOUT):
+                raise AssertionError(f"no {type_!r} from the worker; got {[m.type for m in self.received]}")
+            return next(m for m in self.received if m.type == type_)
+
+    def send(self, frame: bytes) -> None:
+        self._conns[-1].sendall(frame)
+
+    def close(self) -> None:
+        for sock in [self._listener, *self._conns]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[str]
+    socket_path: str
+    lines: list[str] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    collector: threading.Thread | None = None
+
+    def collect(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+
+    def wait_line(self, text: str) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: any(text in line for line in self.lines), TIMEOUT):
+                raise AssertionError(f"worker never logged {text!r}; its log:\n" + "\n".join(self.lines))
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
+    fake = FakeDaemon(tmp_path / "ipc")
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, daemon: FakeDaemon) -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def start(*args: str, command: tuple[str, ...] = ("-m", "sockherd.uvicorn")) -> Worker:
+        socket_path = str(tmp_path / "w.sock")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKHERD_") and k != "NOTIFY_SOCKET"}
+        env |= {
+            "SOCKHERD_SOCKET": socket_path,
+            "SOCKHERD_WORKER_ID": "hello-1",
+            "SOCKHERD_INDEX": "0",
+            "SOCKHERD_IPC": str(daemon.path),
+            "SOCKHERD_SUSPENDED": "0",
+            "SOCKHERD_SOCKET_MODE": "660",
+            "SOCKHERD_BACKLOG": "64",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, *command, "hello:app", *args],
+            cwd=EXAMPLE,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        worker = Worker(proc, socket_path)
+        worker.collector = threading.Thread(target=worker.collect, daemon=True)
+        worker.collector.start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.kill()  # also ends a worker left stopped by SIGSTOP
+        worker.proc.wait()
+        assert worker.collector is not None and worker.proc.stderr is not None
+        worker.collector.join(TIMEOUT)
+        worker.proc.stderr.close()
+
+
+class HTTPConnection:
+    """Raw HTTP/1.1 over the worker's UNIX socket, as nginx would speak it."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(path)
+        self.reader = self.sock.makefile("rb")
+
+    def send(self, method: str, target: str, body: bytes = b"") -> None:
+        head = f"{method} {target} HTTP/1.1\r\nhost: worker\r\ncontent-length: {len(body)}\r\n\r\n"
+        self.sock.sendall(head.encode() + body)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        status_line = self.reader.readline()
+        assert status_line, "connection closed instead of a response"
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = self.reader.read(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    def request(self, method: str, target: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+        self.send(method, target, body)
+        return self.response()
+
+    def at_eof(self) -> bool:
+        return self.reader.read(1) == b""
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[str], HTTPConnection]]:
+    opened: list[HTTPConnection] = []
+
+    def open_connection(path: str) -> HTTPConnection:
+        opened.append(HTTPConnection(path))
+        return opened[-1]
+
+    yield open_connection
+    for conn in opened:
+        conn.close()
+
+
+def test_serves_the_example_and_reports_online(
+    start_worker: Callable[..., Worker], daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
+) -> None:
+    worker = start_worker()
+    hello = daemon.wait_message("hello")
+    assert hello.data["pid"] == worker.proc.pid
+    daemon.wait_message("online")
+    assert os.stat(worker.socket_path).st_mode & 0o777 == 0o660
+
+    conn = connect(worker.socket_path)
+    status, headers, body = conn.request("GET", "/")
+    assert (status, body) == (200, f"hello from worker hello-1 (index 0, pid {worker.proc.pid})\n".encode())
+    assert "close" not in headers.get("connection", "")
+    status, _, body = conn.request("POST", "/echo", b"ping \x00 pong")
+    assert (status, body) == (200, b"ping \x00 pong")
+    assert conn.request("GET", "/pid")[2] == f"{worker.proc.pid}\n".encode()
+    assert conn.request("GET", "/slow?ms=1")[0] == 200
+
+    # The backlog is the daemon's (SOCKHERD_BACKLOG=64), not uvicorn's 2048: with the
+    # worker frozen, connections queue until the kernel refuses with EAGAIN.
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    queued: list[socket.socket] = []
+    try:
+        while len(queued) < 200:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(worker.socket_path)
+            except BlockingIOError:
+                client.close()
+                break
+            queued.append(client)
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+        for client in queued:
+            client.close()
+    assert len(queued) in (64, 65)  # Linux queues backlog + 1
+
+
+def test_shutdown_drains_without_losing_a_request(
+    start_worker: Callable[..., Worker], daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
+) -> None:
+    worker = start_worker()
+    daemon.wait_message("online")
+    pid = worker.proc.pid
+
+    idle = connect(worker.socket_path)  # a keep-alive connection from nginx's pool, now idle
+    status, headers, _ = idle.request("GET", "/pid")
+    assert status == 200
+    assert headers.get("connection") != "close"
+    in_flight = connect(worker.socket_path)
+    in_flight.send("GET", "/slow?ms=300")
+
+    # Freeze the worker so that the next connection is still in its listen backlog
+    # when it acts on the shutdown: nginx connected just before the symlink moved.
+    os.kill(pid, signal.SIGSTOP)
+    daemon.send(protocol.message("shutdown"))
+    queued = connect(worker.socket_path)
+    queued.send("GET", "/")
+    os.kill(pid, signal.SIGCONT)
+
+    worker.wait_line("Shutting down: draining connections")
+    # nginx picks the idle pooled connection for a new request right as the drain starts.
+    status, headers, body = idle.request("GET", "/pid")
+    assert (status, headers.get("connection"), body) == (200, "close", f"{pid}\n".encode())
+    assert idle.at_eof()
+
+    status, headers, body = in_flight.response()
+    assert (status, headers.get("connection"), body) == (200, "close", f"slept 300 ms in pid {pid}\n".encode())
+    assert in_flight.at_eof()
+
+    status, _, body = queued.response()
+    assert status == 200
+    assert body.startswith(b"hello from worker hello-1")
+
+    assert worker.proc.wait(TIMEOUT) == 0
+    worker.wait_line("shutdown hook ran")
+    assert not any("Traceback" in line for line in worker.lines), "\n".join(worker.lines)
+
+
+def test_keeps_accepting_until_the_backlog_is_quiet(
+    start_worker: Callable[..., Worker], daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
+) -> None:
+    """A connection that lands in the backlog after the drain began is still served.
+
+    That is nginx connecting just before the daemon moved the symlink away. The quiet
+    period is stretched to a second so that the test can act inside it at leisure.
+    """
+    patched = "import sockherd.uvicorn as m; m.BACKLOG_QUIET = 1.0; m.main()"
+    worker = start_worker(command=("-c", patched))
+    daemon.wait_message("online")
+    daemon.send(protocol.message("shutdown"))
+    worker.wait_line("Shutting down: draining connections")
+
+    os.kill(worker.proc.pid, signal.SIGSTOP)  # the connection waits in the backlog, unaccepted
+    late = connect(worker.socket_path)
+    late.send("GET", "/pid")
+    os.kill(worker.proc.pid, signal.SIGCONT)
+
+    status, headers, body = late.response()
+    assert (status, headers.get("connection"), body) == (200, "close", f"{worker.proc.pid}\n".encode())
+    assert worker.proc.wait(TIMEOUT) == 0
+
+
+def test_a_clear_error_without_uvicorn() -> None:
+    script = "import sys; sys.modules['uvicorn'] = None; import sockherd.uvicorn"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 1
+    assert "ImportError: sockherd.uvicorn needs uvicorn, which is not installed: pip install 'sockherd[uvicorn]'" in (
+        proc.stderr
+    )

@@ -8,7 +8,6 @@ daemon's ``online``, a line in the worker's log, a response, the exit.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -22,58 +21,10 @@ from pathlib import Path
 import pytest
 
 from sockherd import protocol
+from support.fake_daemon import FakeDaemon
 
 TIMEOUT = 10.0
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
-
-
-class FakeDaemon:
-    """Accepts one worker connection at a time, answers hello, records what it receives."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.received: list[protocol.Message] = []
-        self._conns: list[socket.socket] = []
-        self._cond = threading.Condition()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        frames = protocol.FrameBuffer()
-        while data := conn.recv(65536):
-            for frame in frames.feed(data):
-                msg = protocol.decode(frame)
-                if msg.type == "hello" and msg.id is not None:
-                    conn.sendall(protocol.reply(msg.id, {}))
-                with self._cond:
-                    self.received.append(msg)
-                    self._cond.notify_all()
-
-    def wait_message(self, type_: str) -> protocol.Message:
-        with self._cond:
-            if not self._cond.wait_for(lambda: any(m.type == type_ for m in self.received), TIMEOUT):
-                raise AssertionError(f"no {type_!r} from the worker; got {[m.type for m in self.received]}")
-            return next(m for m in self.received if m.type == type_)
-
-    def send(self, frame: bytes) -> None:
-        self._conns[-1].sendall(frame)
-
-    def close(self) -> None:
-        for sock in [self._listener, *self._conns]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 @dataclass

@@ -281,8 +281,12 @@ class Daemon:
             elif self.herd.worker_for_pid(conn.pid) is not worker:
                 error = f"hello: pid {conn.pid} is not worker {worker.id} (pid {worker.pid}) or its child"
             else:
-                worker.link = conn
                 conn.worker_id = worker.id
+                # The worker process itself owns the link; a child that inherited its
+                # environment (a wrapper's server, a subprocess importing the library)
+                # may report for it, but never displaces the worker's own connection.
+                if conn.pid == worker.pid or worker.link is None or not worker.link.is_open:
+                    worker.link = conn
         if error is not None:
             log.warning("IPC: refused a hello from pid %d: %s", conn.pid, error)
             if msg.id is not None:

@@ -21,6 +21,7 @@ from sockherd.client import Client, CommandFailed, DaemonUnreachable
 from sockherd.config import Config, ConfigError, load_config
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+DEV_SERVER_DEFAULT = -1  # `--dev-server` given without a port
 
 
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -47,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--dev-server",
         nargs="?",
-        const=0,
+        const=DEV_SERVER_DEFAULT,
         type=int,
         metavar="PORT",
-        help="also serve http://127.0.0.1:PORT/ (default: dev_server from the config, else 8000)",
+        help="also serve http://127.0.0.1:PORT/ (default: dev_server from the config, else 8000; 0: any free port)",
     )
     daemon.add_argument("--no-start", action="store_true", help="start the daemon with no workers (then `start`)")
     daemon.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -107,7 +108,14 @@ def _load(args: argparse.Namespace) -> Config:
 def _ipc_path(args: argparse.Namespace) -> Path:
     if args.ipc is not None:
         return Path(args.ipc)
-    return _load(args).ipc_path
+    try:
+        return _load(args).ipc_path
+    except ConfigError as exc:
+        if args.command == "reload":
+            raise ConfigError(
+                f"{exc}\n(nothing was sent: the daemon keeps running with its current configuration)"
+            ) from None
+        raise
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
@@ -120,8 +128,10 @@ def _run_daemon(args: argparse.Namespace) -> int:
     )
     config = _load(args)
     port = config.dev_server
-    if args.dev_server is not None:
-        port = args.dev_server or config.dev_server or 8000
+    if args.dev_server == DEV_SERVER_DEFAULT:
+        port = config.dev_server or 8000
+    elif args.dev_server is not None:
+        port = args.dev_server
 
     async def run() -> int:
         daemon = Daemon(config, dev_server_port=port, start_workers=not args.no_start)

@@ -65,11 +65,17 @@ async def main() -> None:
     parser.add_argument("--ignore-term", action="store_true")
     parser.add_argument("--hang-on-shutdown", action="store_true")
     parser.add_argument("--fail-if-file", metavar="PATH", help="exit 1 at start if this file exists (a bad deploy)")
+    parser.add_argument("--fail-if-env", metavar="NAME", help="exit 1 at start if $NAME lists this worker's index")
     parser.add_argument("--start-delay", type=float, default=0.0, help="seconds of 'imports' before binding")
     args = parser.parse_args()
     if args.start_delay:
         await asyncio.sleep(args.start_delay)
-    if args.crash_before_ready or (args.fail_if_file and os.path.exists(args.fail_if_file)):  # noqa: ASYNC240
+    failing_indexes = os.environ.get(args.fail_if_env or "", "").split(",")
+    if (
+        args.crash_before_ready
+        or (args.fail_if_file and os.path.exists(args.fail_if_file))  # noqa: ASYNC240
+        or os.environ.get("SOCKHERD_INDEX") in failing_indexes
+    ):
         print("tinyapp: crashing at start-up on purpose", file=sys.stderr, flush=True)
         sys.exit(1)
     state = {"draining": False}

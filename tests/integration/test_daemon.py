@@ -342,20 +342,8 @@ def test_garbage_and_oversized_frames_close_only_that_connection(start_daemon: D
 def test_another_uid_cannot_use_the_ipc_socket(start_daemon: DaemonFactory) -> None:
     daemon = start_daemon({"command": tinyapp_command()})
     daemon.wait_ready(1)
-    probe = (
-        "import socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX)\n"
-        "try:\n"
-        "    s.connect(sys.argv[1])\n"
-        "except PermissionError:\n"
-        "    print('denied'); sys.exit(0)\n"
-        's.sendall(b\'{"type":"hello","id":1,"data":{"role":"client"}}\\n\')\n'
-        "try:\n"
-        "    print('answer:', s.recv(100))\n"
-        "except ConnectionResetError:\n"
-        "    print(\"answer: b''\")\n"
-    )
-    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", probe]
+    probe = str(Path(__file__).resolve().parents[1] / "apps" / "ipc_probe.py")
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, probe]
     out = subprocess.run([*as_nobody, str(daemon.ipc)], capture_output=True, text=True, check=False, timeout=30)
     assert out.stdout.strip() == "denied", out
     # Even with the file mode opened up, SO_PEERCRED refuses the other uid.

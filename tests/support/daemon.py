@@ -143,9 +143,11 @@ class RunningDaemon:
         result: dict[str, Any] = wait_for(ready, timeout, f"{workers} published workers")
         return result
 
-    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 60.0, ipc: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run the sockherd CLI against this daemon, by config file (or by IPC path)."""
+        where = ["-i", str(self.ipc)] if ipc else ["-c", str(self.config_path)]
         return subprocess.run(
-            [sys.executable, "-m", "sockherd", *args, "-c", str(self.config_path)],
+            [sys.executable, "-m", "sockherd", *args, *where],
             cwd=self.workdir,
             capture_output=True,
             text=True,

@@ -121,7 +121,13 @@ class Daemon:
         try:
             if self._dev_server_port is not None:
                 self.dev_server = DevServer(self._dev_server_port, self._published_paths)
-                await self.dev_server.start()
+                try:
+                    await self.dev_server.start()
+                except OSError as exc:
+                    self.dev_server = None
+                    port = self._dev_server_port
+                    raise DaemonError(f"dev server: cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+
             log.info("daemon %s ready (pid %d, IPC %s)", __version__, os.getpid(), self.config.ipc_path)
             if self._start_workers:
                 self._spawn_background(self._initial_start())
@@ -232,14 +238,15 @@ class Daemon:
             if old_values.get(key) != new_values.get(key):
                 raise ConfigError(f"{new.path}: key {key!r} cannot change while the daemon runs; restart the daemon")
         changed = sorted(k for k in new_values if old_values.get(k) != new_values.get(k))
-        self.config = new
         if not changed:
             return "no change"
         if self.herd.running:
+            # The new config becomes the running one only once its generation serves.
             progress(f"changed: {', '.join(changed)}; restarting the workers")
             await self.herd.restart(new.max_start_attempts, progress, new)
         else:
             self.herd.config = new
+        self.config = new
         return "changed: " + ", ".join(changed)
 
     # -- IPC ----------------------------------------------------------------------------
@@ -409,7 +416,12 @@ class Daemon:
         request_id = msg.id
         assert request_id is not None
         try:
-            changed = await self._reload(lambda text: conn.reply(request_id, {"progress": text}, done=False))
+
+            def progress(text: str) -> None:
+                _log_progress(text)
+                conn.reply(request_id, {"progress": text}, done=False)
+
+            changed = await self._reload(progress)
         except ConfigError as exc:
             conn.reply(request_id, errors=[f"reload refused, the running configuration stays: {exc}"])
         except (Busy, DeployFailed) as exc:

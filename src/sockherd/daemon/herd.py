@@ -148,9 +148,15 @@ class Herd:
         return True
 
     async def restart(self, max_attempts: int, progress: Progress, config: Config | None = None) -> None:
-        if config is not None:
+        """Deploy a new generation; with ``config``, of that config, kept only on success."""
+        previous = self.config
+        if config is not None and self.operation is None:
             self.config = config
-        await self._exclusive("restart", lambda: self._deploy(max_attempts, progress))
+        try:
+            await self._exclusive("restart", lambda: self._deploy(max_attempts, progress))
+        except BaseException:
+            self.config = previous
+            raise
 
     async def stop(self) -> None:
         """Unpublish, linger, then shut every worker down staged. Preempts a deploy."""
@@ -263,6 +269,7 @@ class Herd:
                 continue
             previous = self.slots.get(index)
             self._publish(index, worker)
+            progress(f"rolled slot {index} back to generation {gen.number}")
             if previous is not None:
                 await self._retire([previous])
         self.current = gen

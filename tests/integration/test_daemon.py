@@ -437,3 +437,17 @@ def test_default_backlog_is_somaxconn(tmp_path: Path) -> None:
     (tmp_path / "sockherd.toml").write_text('command = ["x"]\ntmp_dir = "/tmp/sh-x"\n')
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
     assert load_config(tmp_path / "sockherd.toml").worker.backlog == somaxconn
+
+
+def test_a_worker_that_served_a_while_is_replaced_at_once_every_time(start_daemon: DaemonFactory) -> None:
+    """Only a tight loop backs off: killed every few seconds, a slot keeps coming back at once."""
+    daemon = start_daemon({"command": tinyapp_command()})
+    daemon.wait_ready(1)
+    for _ in range(3):
+        worker = daemon.status()["workers"][0]
+        online_at: float = worker["online_at"]
+        wait_for(lambda: time.time() - online_at > 1.1, 5, "the worker to serve for a second")  # noqa: B023
+        mark = daemon.mark()
+        os.kill(worker["pid"], signal.SIGKILL)
+        daemon.wait_log(r"published worker #0", start=mark)
+        assert not any("crash loop" in line for line in daemon.lines[mark:])

@@ -32,7 +32,10 @@ Progress = Callable[[str], None]
 
 BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 30.0
-BACKOFF_RESET_AFTER = 10.0  # online this long, and the next crash starts a fresh count
+# A worker that served this long before it crashed is not a crash loop: its successor
+# starts at once. Killed every few seconds (OOM killer, chaos tests), a slot must not
+# drift into long backoffs; dying right after ready, over and over, is a loop.
+BACKOFF_RESET_AFTER = 1.0
 
 
 def crash_backoff(consecutive: int) -> float:

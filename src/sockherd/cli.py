@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("start", "start the workers"), ("restart", "start a new generation, then retire the old")):
         sub = command(name, help_)
         sub.add_argument("--max-attempts", type=int, metavar="N", help="tries per worker (default: max_start_attempts)")
+        sub.add_argument(
+            "--suspended", action="store_true", help="workers hold requests until `sockherd resume` (migrations)"
+        )
+    command("resume", "release the requests suspended workers hold")
+    for name, help_ in (("set-workers", "scale the published workers"), ("set-standby", "scale the standbys")):
+        command(name, help_ + " (until the next reload)").add_argument("count", type=int, metavar="N")
     command("stop", "stop the workers (the daemon keeps running)")
     command("reload", "re-read the config and apply it (restarting workers if needed)")
     command("terminate", "stop the workers and the daemon")
@@ -160,6 +166,10 @@ def _run_client_command(args: argparse.Namespace) -> int:
         data: dict[str, Any] = {}
         if getattr(args, "max_attempts", None) is not None:
             data["max_attempts"] = args.max_attempts
+        if getattr(args, "suspended", False):
+            data["suspended"] = True
+        if getattr(args, "count", None) is not None:
+            data["count"] = args.count
         result = client.call(args.command, data or None, on_progress=_progress)
         print(_summary(args.command, result))
         return 0
@@ -170,11 +180,16 @@ def _summary(command: str, result: Any) -> str:
     if command == "start" and result.get("result") is False:
         return "already running"
     if command in ("start", "restart"):
-        workers = result.get("status", {}).get("workers", [])
-        pids = ", ".join(str(w["pid"]) for w in workers if w.get("published"))
-        return f"{command} done: serving from pid(s) {pids}"
+        status = result.get("status", {})
+        pids = ", ".join(str(w["pid"]) for w in status.get("workers", []) if w.get("published"))
+        held = " (suspended: run `sockherd resume` to serve)" if status.get("daemon", {}).get("suspended") else ""
+        return f"{command} done: serving from pid(s) {pids}{held}"
     if command == "stop":
         return f"stopped {result.get('stopped', 0)} worker(s)"
+    if command == "resume":
+        return f"resumed {result.get('resumed', 0)} worker(s)"
+    if command in ("set-workers", "set-standby"):
+        return f"{command} done: {result.get('result')}"
     if command == "reload":
         return f"reload done: {result.get('result')}"
     return f"{command} done"
@@ -196,8 +211,10 @@ def _age(since: float | None) -> str:
 def format_status(status: dict[str, Any]) -> str:
     d = status["daemon"]
     lines = [
-        f"{d['name']}: daemon pid {d['pid']} ({d['state']}), generation {d['generation'] or '-'}, "
-        f"{d['workers']} worker(s), up {_age(d['started_at'])}"
+        f"{d['name']}: daemon pid {d['pid']} ({d['state']}{', suspended' if d.get('suspended') else ''}), "
+        f"generation {d['generation'] or '-'}, {d['workers']} worker(s)"
+        + (f" + {d['standby']} standby" if d.get("standby") else "")
+        + f", up {_age(d['started_at'])}"
         + (f", {d['operation']} in progress" if d.get("operation") else "")
     ]
     header = ("ID", "PID", "INDEX", "STATE", "GEN", "UPTIME", "RESTARTS", "SYMLINK")

@@ -19,6 +19,8 @@ import signal
 import socket
 import sys
 
+BALLAST: list[bytearray] = []  # /grow keeps memory here, for max_memory tests
+
 
 def sd_notify(state: str) -> None:
     path = os.environ.get("NOTIFY_SOCKET")
@@ -39,6 +41,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sta
                 await asyncio.sleep(int(target.partition("ms=")[2] or "200") / 1000)
             if target.startswith("/crash"):
                 os._exit(3)
+            if target.startswith("/broken"):
+                sd_notify("BROKEN=asked to by " + target)
+            if target.startswith("/grow"):
+                BALLAST.append(bytearray(int(target.partition("mb=")[2] or "10") << 20))
             reply = f"pid={os.getpid()} id={os.environ.get('SOCKHERD_WORKER_ID')} {method} {len(body)}\n".encode()
             close = state["draining"] or headers.get("connection", "").lower() == "close"
             writer.write(

@@ -20,11 +20,13 @@ from typing import Any
 from sockherd import __version__, protocol
 from sockherd.config import Config, ConfigError, load_config
 from sockherd.daemon.devserver import DevServer
+from sockherd.daemon import deploy
 from sockherd.daemon.herd import Busy, DeployFailed, Herd
 from sockherd.daemon.ipc import Connection, IpcServer
 from sockherd.daemon.notify import NotifySocket
 from sockherd.daemon.publish import SocketNames, TmpDirError, prepare_tmp_dir, socket_is_live, sweep_tmp_dir
 from sockherd.daemon.reaper import Reaper
+from sockherd.daemon.reload import plan_reload
 from sockherd.protocol import Message, ProtocolError
 
 log = logging.getLogger("sockherd")
@@ -38,8 +40,6 @@ HANDLED_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
 )
-# Keys that name where the daemon's own sockets live: they cannot change under it.
-_FIXED_ON_RELOAD = ("tmp_dir", "ipc_file", "socket_file")
 
 
 class DaemonError(Exception):
@@ -91,6 +91,9 @@ class Daemon:
             "config": self._cmd_config,
             "start": self._cmd_start,
             "restart": self._cmd_restart,
+            "resume": self._cmd_resume,
+            "set-workers": self._cmd_set_workers,
+            "set-standby": self._cmd_set_standby,
             "stop": self._cmd_stop,
             "reload": self._cmd_reload,
             "terminate": self._cmd_terminate,
@@ -212,10 +215,33 @@ class Daemon:
         log.info("SIGUSR1: log files are reopened at each spawn; nothing held open")
 
     async def handle_ttin(self) -> None:
-        log.warning("SIGTTIN: scaling is not available in this version")
+        log.info("SIGTTIN: one worker more")
+        self._spawn_background(self._scale_logged(self.herd.target_workers + 1))
 
     async def handle_ttou(self) -> None:
-        log.warning("SIGTTOU: scaling is not available in this version")
+        if self.herd.target_workers <= 1:
+            log.warning("SIGTTOU: already at one worker; not scaling to zero")
+            return
+        log.info("SIGTTOU: one worker fewer")
+        self._spawn_background(self._scale_logged(self.herd.target_workers - 1))
+
+    async def _scale_logged(self, count: int) -> None:
+        try:
+            await self._set_workers(count, _log_progress)
+        except (Busy, DeployFailed) as exc:
+            log.error("scaling to %d worker(s) failed: %s", count, exc)
+
+    async def _set_workers(self, count: int, progress: Callable[[str], None]) -> None:
+        herd = self.herd
+        await herd.exclusive(
+            "scale", lambda: deploy.set_workers(herd, count, self.config.max_start_attempts, progress)
+        )
+
+    async def _set_standby(self, count: int, progress: Callable[[str], None]) -> None:
+        herd = self.herd
+        await herd.exclusive(
+            "scale", lambda: deploy.set_standby(herd, count, self.config.max_start_attempts, progress)
+        )
 
     async def _restart_logged(self, config: Config | None = None) -> None:
         try:
@@ -232,22 +258,46 @@ class Daemon:
         log.info("reload done: %s", changed)
 
     async def _reload(self, progress: Callable[[str], None]) -> str:
+        """Apply a changed config with the smallest set of actions (see reload.py)."""
         new = load_config(self.config.path)
-        old_values, new_values = self.config.as_dict(), new.as_dict()
-        for key in _FIXED_ON_RELOAD:
-            if old_values.get(key) != new_values.get(key):
-                raise ConfigError(f"{new.path}: key {key!r} cannot change while the daemon runs; restart the daemon")
-        changed = sorted(k for k in new_values if old_values.get(k) != new_values.get(k))
-        if not changed:
-            return "no change"
-        if self.herd.running:
+        herd = self.herd
+        plan = plan_reload(self.config, new, workers=herd.target_workers, standby=herd.target_standby)
+        if plan.restart and herd.running:
             # The new config becomes the running one only once its generation serves.
-            progress(f"changed: {', '.join(changed)}; restarting the workers")
-            await self.herd.restart(new.max_start_attempts, progress, new)
+            progress(f"{plan.describe()}: restarting the workers")
+            herd.target_workers, herd.target_standby = new.workers, new.standby
+            await herd.restart(new.max_start_attempts, progress, new, suspended=herd.suspended)
         else:
-            self.herd.config = new
+            herd.config = new
         self.config = new
-        return "changed: " + ", ".join(changed)
+        if plan.timeouts:
+            for worker in herd.workers.values():
+                worker.timeouts = new.timeouts
+        if plan.retitle:
+            _set_title(f"sockherd daemon: {new.name} [{new.tmp_dir}]")
+        if plan.republish:
+            herd.republish()
+        if plan.recycling:
+            herd.healer.config_changed()
+        if plan.dev_server:
+            await self._restart_dev_server(new.dev_server)
+        if plan.workers is not None:
+            await self._set_workers(plan.workers, progress)
+        if plan.standby is not None:
+            await self._set_standby(plan.standby, progress)
+        return plan.describe()
+
+    async def _restart_dev_server(self, port: int | None) -> None:
+        if self.dev_server is not None:
+            await self.dev_server.close()
+            self.dev_server = None
+        if port is not None:
+            self.dev_server = DevServer(port, self._published_paths)
+            try:
+                await self.dev_server.start()
+            except OSError as exc:
+                log.error("dev server: cannot listen on 127.0.0.1:%d: %s", port, exc.strerror)
+                self.dev_server = None
 
     # -- IPC ----------------------------------------------------------------------------
 
@@ -293,7 +343,7 @@ class Daemon:
                 # environment (a wrapper's server, a subprocess importing the library)
                 # may report for it, but never displaces the worker's own connection.
                 if conn.pid == worker.pid or worker.link is None or not worker.link.is_open:
-                    worker.link = conn
+                    worker.attach_link(conn)
         if error is not None:
             log.warning("IPC: refused a hello from pid %d: %s", conn.pid, error)
             if msg.id is not None:
@@ -317,9 +367,7 @@ class Daemon:
         if msg.type == "online":
             worker.report_online("ipc")
         elif msg.type == "broken":
-            reason = str(data.get("reason", ""))[:1000]
-            worker.broken_reason = reason
-            log.warning("%s reports itself broken: %s", worker.label, reason)
+            self.herd.healer.on_broken(worker, str(data.get("reason", ""))[:1000] or "no reason given")
         elif msg.id is not None:
             conn.reply(msg.id, errors=[f"unknown request type {msg.type!r}"])
 
@@ -332,6 +380,8 @@ class Daemon:
             worker.status_text = fields["STATUS"][:200]
         if fields.get("READY") == "1":
             worker.report_online("sd_notify")
+        if "BROKEN" in fields:  # our extension: systemd ignores fields it does not know
+            self.herd.healer.on_broken(worker, fields["BROKEN"][:1000] or "no reason given")
 
     # -- commands -----------------------------------------------------------------------
 
@@ -348,15 +398,16 @@ class Daemon:
                 "ipc": str(self.config.ipc_path),
                 "started_at": self.started_at,
                 "state": state,
+                "suspended": herd.suspended,
                 "generation": herd.current.number if herd.current else None,
-                "workers": self.config.workers,
-                "standby": self.config.standby,
+                "workers": herd.target_workers,
+                "standby": herd.target_standby,
                 "strategy": self.config.strategy,
                 "operation": herd.operation,
                 "dev_server": self.dev_server.port if self.dev_server else None,
             },
             "workers": herd.status(),
-            "slots": herd.slot_status(),
+            "slots": herd.healer.slot_status(),
         }
 
     async def _cmd_status(self, conn: Connection, msg: Message) -> None:
@@ -367,28 +418,31 @@ class Daemon:
         assert msg.id is not None
         conn.reply(msg.id, self.config.as_dict())
 
-    def _attempts(self, conn: Connection, msg: Message) -> int | None:
+    def _int_field(self, conn: Connection, msg: Message, key: str, default: int | None, low: int, high: int) -> int | None:
+        """A validated integer from the request's data, or None after an error reply."""
         assert msg.id is not None
         data = msg.data if isinstance(msg.data, dict) else {}
-        attempts = data.get("max_attempts", self.config.max_start_attempts)
-        if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 100:
-            conn.reply(msg.id, errors=["max_attempts must be an integer from 1 to 100"])
+        value = data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            conn.reply(msg.id, errors=[f"{msg.type}: {key!r} must be an integer from {low} to {high}"])
             return None
-        return attempts
+        return value
 
     async def _deploy_command(self, conn: Connection, msg: Message, run: Callable[..., Awaitable[Any]]) -> None:
         request_id = msg.id
         assert request_id is not None
-        attempts = self._attempts(conn, msg)
+        attempts = self._int_field(conn, msg, "max_attempts", self.config.max_start_attempts, 1, 100)
         if attempts is None:
             return
+        data = msg.data if isinstance(msg.data, dict) else {}
+        suspended = data.get("suspended", False) is True
 
         def progress(text: str) -> None:
             _log_progress(text)
             conn.reply(request_id, {"progress": text}, done=False)
 
         try:
-            result = await run(attempts, progress)
+            result = await run(attempts, progress, suspended=suspended)
         except Busy as exc:
             conn.reply(request_id, errors=[str(exc)])
         except DeployFailed as exc:
@@ -405,6 +459,34 @@ class Daemon:
 
     async def _cmd_restart(self, conn: Connection, msg: Message) -> None:
         await self._deploy_command(conn, msg, self.herd.restart)
+
+    async def _cmd_resume(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        conn.reply(msg.id, {"resumed": self.herd.resume()})
+
+    async def _scale_command(self, conn: Connection, msg: Message, apply: Callable[..., Awaitable[None]]) -> None:
+        request_id = msg.id
+        assert request_id is not None
+        count = self._int_field(conn, msg, "count", None, 1 if msg.type == "set-workers" else 0, 4096)
+        if count is None:
+            return
+
+        def progress(text: str) -> None:
+            _log_progress(text)
+            conn.reply(request_id, {"progress": text}, done=False)
+
+        try:
+            await apply(count, progress)
+        except (Busy, DeployFailed) as exc:
+            conn.reply(request_id, errors=[str(exc)])
+        else:
+            conn.reply(request_id, {"result": count, "status": self.status()})
+
+    async def _cmd_set_workers(self, conn: Connection, msg: Message) -> None:
+        await self._scale_command(conn, msg, self._set_workers)
+
+    async def _cmd_set_standby(self, conn: Connection, msg: Message) -> None:
+        await self._scale_command(conn, msg, self._set_standby)
 
     async def _cmd_stop(self, conn: Connection, msg: Message) -> None:
         assert msg.id is not None

@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
+
 from sockherd import protocol
 from sockherd.config import Config, Timeouts, WorkerSpec, render_command
 from sockherd.daemon.reaper import Reaper, kill_process_group, send_signal
@@ -141,9 +143,12 @@ class Worker:
         reaper: Reaper,
         on_exit: Callable[[Worker, int], None],
         restarts: int = 0,
+        suspended: bool = False,
     ) -> None:
         self.id = new_worker_id(index)
         self.index = index
+        self.suspended = suspended  # holds requests until resumed (deploys with migrations, standbys)
+        self._resume_pending = False
         self.generation = generation
         self.spec = spec
         self.timeouts = timeouts
@@ -193,7 +198,7 @@ class Worker:
             "SOCKHERD_WORKER_ID": self.id,
             "SOCKHERD_INDEX": "standby" if self.index is None else str(self.index),
             "SOCKHERD_IPC": str(self._ipc_path),
-            "SOCKHERD_SUSPENDED": "0",
+            "SOCKHERD_SUSPENDED": "1" if self.suspended else "0",
             "SOCKHERD_SOCKET_MODE": f"{self.spec.socket_mode:o}",
             "SOCKHERD_BACKLOG": str(self.spec.backlog),
             "NOTIFY_SOCKET": str(self._notify_path),
@@ -274,7 +279,10 @@ class Worker:
             raise StartError(self, f"did not {what} within online_timeout ({self.timeouts.online}s)") from None
         with contextlib.suppress(OSError):
             os.chmod(self.socket_path, self.spec.socket_mode)  # whatever mode the server chose
-        self.state = WorkerState.ONLINE
+        if self.broken_reason is not None:
+            await self.kill()
+            raise StartError(self, f"reported itself broken before it was published: {self.broken_reason}")
+        self.state = WorkerState.SUSPENDED if self.suspended else WorkerState.ONLINE
         self.online_at = time.time()
         if not self._online.done():
             self._online.set_result(None)
@@ -307,6 +315,44 @@ class Worker:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return
+
+    # -- suspension --------------------------------------------------------------------
+
+    def attach_link(self, link: FrameSink) -> None:
+        """The worker's IPC connection (re)opened: deliver what it missed."""
+        self.link = link
+        if self._resume_pending:
+            self._send_resume()
+
+    def resume(self) -> None:
+        """Release held requests; a promoted standby also learns its index."""
+        self.suspended = False
+        if self.state is WorkerState.SUSPENDED:
+            self.state = WorkerState.ONLINE
+        self._send_resume()
+
+    def _send_resume(self) -> None:
+        if self.link is None or not self.link.is_open:
+            self._resume_pending = True  # sent on the next hello
+            return
+        self._resume_pending = False
+        data = {} if self.index is None else {"index": self.index}
+        self.link.send(protocol.message("resume", data))
+
+    def report_broken(self, reason: str) -> None:
+        self.broken_reason = reason
+        if self.state in (WorkerState.ONLINE, WorkerState.SUSPENDED):
+            self.state = WorkerState.BROKEN
+
+    def rss(self) -> int:
+        """Resident memory of the worker and its children (a wrapper's server counts)."""
+        if not self.alive or self.pid is None:
+            return 0
+        try:
+            proc = psutil.Process(self.pid)
+            return int(sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]))
+        except psutil.Error:
+            return 0
 
     # -- exit and shutdown -------------------------------------------------------------
 
@@ -395,6 +441,7 @@ class Worker:
             "online_at": self.online_at,
             "restarts": self.restarts,
             "integrated": self.link is not None and self.link.is_open,
+            "suspended": self.suspended,
             "broken_reason": self.broken_reason,
             "status_text": self.status_text,
             "exit_code": self.exit_code,

@@ -1,0 +1,163 @@
+"""Deploys and scaling: bring a generation (or more of one) online, then publish.
+
+Atomic (the default): the whole new generation, standbys included, comes online beside
+the old one before any symlink moves; any failure tears it down and the old generation
+keeps serving. Rolling: one slot at a time, for hosts without memory for two
+generations; a failure rolls the replaced slots back to the old version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sockherd.daemon.herd import DeployFailed, Generation, Herd, Progress
+from sockherd.daemon.process import StartError, Worker, output_tail
+
+log = logging.getLogger("sockherd")
+
+
+async def deploy(herd: Herd, attempts: int, progress: Progress, *, suspended: bool) -> None:
+    if herd.config.strategy == "rolling" and herd.slots:
+        await _deploy_rolling(herd, attempts, progress, suspended=suspended)
+    else:
+        await _deploy_atomic(herd, attempts, progress, suspended=suspended)
+    herd.running = True
+    herd.suspended = suspended
+    herd.healer.after_deploy()
+    if suspended:
+        progress("the new generation is suspended: it holds requests until `sockherd resume`")
+
+
+async def _start_together(
+    herd: Herd, gen: Generation, indexes: list[int | None], attempts: int, progress: Progress, *, suspended: bool
+) -> list[Worker]:
+    """Start workers concurrently; the first failure stops them all and raises DeployFailed."""
+    tasks: list[asyncio.Task[Worker]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(herd.start_worker(gen, i, suspended=suspended, attempts=attempts, progress=progress))
+                for i in indexes
+            ]
+    except BaseException as exc:
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                await task.result().stop()
+        failures = [e for e in _leaves(exc) if isinstance(e, StartError)]
+        if failures:
+            raise DeployFailed(f"{failures[0].worker.label} {failures[0].reason}", output_tail(gen.spec)) from None
+        raise
+    started = [t.result() for t in tasks]
+    if bad := [w for w in started if not w.alive or w.broken_reason is not None]:
+        await asyncio.gather(*(w.stop() for w in started))
+        what = "exited" if not bad[0].alive else f"reported itself broken ({bad[0].broken_reason})"
+        raise DeployFailed(f"{bad[0].label} {what} before it was published")
+    return started
+
+
+async def _deploy_atomic(herd: Herd, attempts: int, progress: Progress, *, suspended: bool) -> None:
+    gen = herd.pending = herd.new_generation()
+    count, standby = herd.target_workers, herd.target_standby
+    progress(f"starting generation {gen.number}: {count} worker(s)" + (f" + {standby} standby" if standby else ""))
+    indexes: list[int | None] = [*range(count), *([None] * standby)]
+    try:
+        started = await _start_together(herd, gen, indexes, attempts, progress, suspended=suspended)
+    finally:
+        herd.pending = None
+    old = [w for w in herd.workers.values() if w.generation != gen.number]
+    for worker in started:
+        if worker.index is not None:
+            herd.publish(worker.index, worker)
+    for index in [i for i in herd.slots if i >= count]:  # fewer workers than before
+        herd.unpublish(index)
+    herd.current = gen
+    progress(f"generation {gen.number} published; stopping {len(old)} old worker(s)")
+    await herd.retire(old)
+    progress(f"generation {gen.number} is serving")
+
+
+async def _deploy_rolling(herd: Herd, attempts: int, progress: Progress, *, suspended: bool) -> None:
+    old_gen, gen = herd.current, herd.new_generation()
+    progress(f"rolling generation {gen.number} over {herd.target_workers} slot(s)")
+    done: list[int] = []
+    for index in range(herd.target_workers):
+        try:
+            worker = await herd.start_worker(gen, index, suspended=suspended, attempts=attempts, progress=progress)
+        except StartError as exc:
+            if old_gen is not None:
+                await _roll_back(herd, old_gen, done, progress)
+            raise DeployFailed(f"{exc.worker.label} {exc.reason}", output_tail(gen.spec)) from None
+        previous = herd.slots.get(index)
+        herd.publish(index, worker)
+        herd.current = gen
+        if previous is not None:
+            await herd.retire([previous])
+        done.append(index)
+        progress(f"slot {index} now serves generation {gen.number}")
+    for index in [i for i in herd.slots if i >= herd.target_workers]:
+        if (previous := herd.unpublish(index)) is not None:
+            await herd.retire([previous])
+    if old_gen is not None:
+        await herd.retire(herd.standbys(old_gen.number))  # new ones come from the healer
+
+
+async def _roll_back(herd: Herd, gen: Generation, indexes: list[int], progress: Progress) -> None:
+    for index in indexes:
+        try:
+            worker = await herd.start_worker(gen, index, suspended=herd.suspended, attempts=1, progress=progress)
+        except StartError as exc:
+            log.error("rollback of slot %d failed (%s); it keeps the new version", index, exc.reason)
+            continue
+        previous = herd.slots.get(index)
+        herd.publish(index, worker)
+        progress(f"rolled slot {index} back to generation {gen.number}")
+        if previous is not None:
+            await herd.retire([previous])
+    herd.current = gen
+
+
+async def set_workers(herd: Herd, count: int, attempts: int, progress: Progress) -> None:
+    """Scale the published workers; scaling down unpublishes before it stops anything."""
+    before, herd.target_workers = herd.target_workers, count
+    gen = herd.current
+    if not herd.running or gen is None:
+        return
+    if count > before:
+        progress(f"starting worker(s) {before}..{count - 1}")
+        try:
+            started = await _start_together(
+                herd, gen, list(range(before, count)), attempts, progress, suspended=herd.suspended
+            )
+        except BaseException:
+            herd.target_workers = before
+            raise
+        for worker in started:
+            assert worker.index is not None
+            herd.publish(worker.index, worker)
+    else:
+        victims = [w for i in sorted(herd.slots, reverse=True) if i >= count and (w := herd.unpublish(i))]
+        progress(f"unpublished {len(victims)} slot(s); stopping their workers")
+        await herd.retire(victims)
+
+
+async def set_standby(herd: Herd, count: int, attempts: int, progress: Progress) -> None:
+    herd.target_standby = count
+    gen = herd.current
+    if not herd.running or gen is None:
+        return
+    standbys = herd.standbys()
+    if count > len(standbys):
+        missing: list[int | None] = [None] * (count - len(standbys))
+        progress(f"starting {len(missing)} standby worker(s)")
+        await _start_together(herd, gen, missing, attempts, progress, suspended=True)
+    elif count < len(standbys):
+        extra = standbys[count:]
+        progress(f"stopping {len(extra)} standby worker(s)")
+        await asyncio.gather(*(w.stop() for w in extra))
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]

@@ -1,0 +1,287 @@
+"""Keeping the slots full: crashes, standby failover, broken workers, recycling.
+
+- A published worker that dies is replaced by a ready standby at once (resume +
+  rename: milliseconds), else by a fresh worker; a crash loop backs off exponentially
+  and never gives up.
+- A worker that reports itself broken, outgrows ``max_memory`` or outlives ``max_age``
+  keeps serving until its successor is published (a standby, or a fresh worker started
+  first), then drains. Such live replacements run one at a time, so the herd never has
+  fewer than ``workers`` workers serving and never recycles two slots at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sockherd.daemon.process import StartError, Worker, describe_exit
+
+if TYPE_CHECKING:
+    from sockherd.daemon.herd import Herd
+
+log = logging.getLogger("sockherd")
+
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 30.0
+# A worker that served this long before it crashed is not a crash loop: its successor
+# starts at once. Killed every few seconds (OOM killer, chaos tests), a slot must not
+# drift into long backoffs; dying right after ready, over and over, is a loop.
+BACKOFF_RESET_AFTER = 1.0
+MEMORY_CHECK_INTERVAL = 2.0  # RSS has no event to wait on; this is the one timer
+MAX_AGE_JITTER = 0.1  # up to 10 % later, so a generation started together does not recycle together
+
+
+def crash_backoff(consecutive: int) -> float:
+    """Delay before respawning after the n-th consecutive crash: 0, 0.1, 0.2 … 30 s."""
+    if consecutive <= 1:
+        return 0.0
+    return min(BACKOFF_FIRST * 2.0 ** (consecutive - 2), BACKOFF_CAP)
+
+
+@dataclass(slots=True)
+class SlotHealth:
+    """Crash bookkeeping for one index (or the standby pool): outlives its workers."""
+
+    restarts: int = 0
+    consecutive: int = 0
+    next_attempt_at: float | None = None
+    replacement: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Healer:
+    def __init__(self, herd: Herd) -> None:
+        self.herd = herd
+        self.health: dict[int, SlotHealth] = {}
+        self._standby_health = SlotHealth()
+        self._refill: asyncio.Task[None] | None = None
+        self._live_replacements: dict[str, asyncio.Task[None]] = {}  # worker id -> task
+        self._one_at_a_time = asyncio.Lock()
+        self._age_timers: dict[str, asyncio.TimerHandle] = {}
+        self._memory_watch: asyncio.Task[None] | None = None
+
+    def restarts(self, index: int | None) -> int:
+        return self.health[index].restarts if index is not None and index in self.health else 0
+
+    def slot_status(self) -> list[dict[str, object]]:
+        return [
+            {"index": i, "restarts": h.restarts, "crash_loop": h.consecutive, "next_attempt_at": h.next_attempt_at}
+            for i, h in sorted(self.health.items())
+        ]
+
+    # -- hooks from the herd -----------------------------------------------------------
+
+    def published(self, index: int, worker: Worker) -> None:
+        health = self.health.setdefault(index, SlotHealth())
+        if health.replacement is not None and health.replacement is not asyncio.current_task():
+            health.replacement.cancel()  # a newer worker took the slot first
+        self._schedule_max_age(worker)
+        self._watch_memory()
+
+    def after_deploy(self) -> None:
+        """The herd runs (again): keep the standby pool full and watch memory."""
+        self.refill_standbys()
+        self._watch_memory()
+
+    def cancel_replacement(self, index: int) -> None:
+        health = self.health.get(index)
+        if health is not None and health.replacement is not None:
+            health.replacement.cancel()
+
+    async def stop(self) -> None:
+        tasks = [h.replacement for h in self.health.values() if h.replacement is not None]
+        tasks += [t for t in (self._refill, self._memory_watch) if t is not None]
+        tasks += list(self._live_replacements.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for timer in self._age_timers.values():
+            timer.cancel()
+        self._age_timers.clear()
+
+    # -- exits -------------------------------------------------------------------------
+
+    def on_exit(self, worker: Worker, code: int) -> None:
+        herd = self.herd
+        herd.workers.pop(worker.id, None)
+        if (timer := self._age_timers.pop(worker.id, None)) is not None:
+            timer.cancel()
+        index = worker.index
+        if worker.stopping:
+            log.info("%s exited (%s)", worker.label, describe_exit(code))
+            return
+        if index is None:
+            log.warning("%s exited (%s)", worker.label, describe_exit(code))
+            self.refill_standbys()
+            return
+        if herd.slots.get(index) is not worker:
+            log.warning("%s exited (%s) before it was published", worker.label, describe_exit(code))
+            return
+        health = self.health.setdefault(index, SlotHealth())
+        if worker.online_at is not None and time.time() - worker.online_at > BACKOFF_RESET_AFTER:
+            health.consecutive = 0
+        health.consecutive += 1
+        health.restarts += 1
+        if not herd.running:
+            return
+        standby = self._ready_standby(worker.generation)
+        if standby is not None:
+            log.warning("%s crashed (%s); promoting %s", worker.label, describe_exit(code), standby.label)
+            self._promote(standby, index)
+            self.refill_standbys()
+            return
+        log.warning("%s crashed (%s); replacing it", worker.label, describe_exit(code))
+        if health.replacement is None:
+            health.replacement = asyncio.create_task(self._respawn(index, worker), name=f"replace slot {index}")
+
+    def _ready_standby(self, generation: int) -> Worker | None:
+        ready = [w for w in self.herd.standbys(generation) if w.online_at is not None and w.broken_reason is None]
+        return ready[0] if ready else None
+
+    def _promote(self, standby: Worker, index: int) -> None:
+        standby.restarts = self.restarts(index)
+        standby.index = index
+        if not self.herd.suspended:
+            standby.resume()  # before the rename: nothing waits on a held request
+        self.herd.publish(index, standby)
+
+    async def _respawn(self, index: int, dead: Worker) -> None:
+        """Respawn a crashed slot with the dead worker's own spec, backing off on loops."""
+        from sockherd.daemon.herd import Generation
+
+        herd, health = self.herd, self.health[index]
+        try:
+            while herd.slots.get(index) is dead and herd.running:
+                delay = crash_backoff(health.consecutive)
+                if delay:
+                    health.next_attempt_at = time.time() + delay
+                    log.info("slot %d: crash loop (%d in a row); next attempt in %.1fs", index, health.consecutive, delay)
+                    await asyncio.sleep(delay)
+                    health.next_attempt_at = None
+                try:
+                    worker = await herd.start_worker(
+                        Generation.of(dead), index, suspended=herd.suspended, attempts=1, progress=log.warning
+                    )
+                except StartError:
+                    health.consecutive += 1
+                    health.restarts += 1
+                    continue
+                if herd.slots.get(index) is dead and herd.running:
+                    health.replacement = None
+                    herd.publish(index, worker)
+                else:
+                    await worker.stop()
+        finally:
+            if health.replacement is asyncio.current_task():
+                health.replacement = None
+            health.next_attempt_at = None
+
+    # -- standbys ----------------------------------------------------------------------
+
+    def refill_standbys(self) -> None:
+        if self.herd.running and (self._refill is None or self._refill.done()):
+            self._refill = asyncio.create_task(self._refill_standbys(), name="refill standbys")
+
+    async def _refill_standbys(self) -> None:
+        herd, health = self.herd, self._standby_health
+        while herd.running and herd.current is not None and len(herd.standbys()) < herd.target_standby:
+            if delay := crash_backoff(health.consecutive):
+                await asyncio.sleep(delay)
+            gen = herd.current
+            try:
+                worker = await herd.start_worker(gen, None, suspended=True, attempts=1, progress=log.warning)
+            except StartError:
+                health.consecutive += 1
+                continue
+            health.consecutive = 0
+            if herd.current is not gen or len(herd.standbys()) > herd.target_standby:
+                await worker.stop()  # a deploy or a scale-down overtook us
+
+    # -- live replacement: broken, too big, too old ------------------------------------
+
+    def on_broken(self, worker: Worker, reason: str) -> None:
+        worker.report_broken(reason)
+        log.warning("%s reports itself broken: %s", worker.label, reason)
+        if worker.index is None and worker.generation == (self.herd.current.number if self.herd.current else None):
+            asyncio.ensure_future(worker.stop())  # noqa: RUF006 - tracked by the worker's own stop task
+            self.refill_standbys()
+        elif worker.index is not None and self.herd.slots.get(worker.index) is worker:
+            self.replace_live(worker, f"reported broken: {reason}")
+
+    def replace_live(self, worker: Worker, why: str) -> None:
+        if worker.id in self._live_replacements or not self.herd.running:
+            return
+        task = asyncio.create_task(self._replace_live(worker, why), name=f"replace {worker.id}")
+        self._live_replacements[worker.id] = task
+        task.add_done_callback(lambda _: self._live_replacements.pop(worker.id, None))
+
+    async def _replace_live(self, worker: Worker, why: str) -> None:
+        from sockherd.daemon.herd import Generation
+
+        herd = self.herd
+        async with self._one_at_a_time:
+            attempt = 0
+            while herd.running and worker.alive and worker.index is not None and herd.slots.get(worker.index) is worker:
+                index = worker.index
+                standby = self._ready_standby(worker.generation)
+                if standby is not None:
+                    log.info("replacing %s (%s) with %s", worker.label, why, standby.label)
+                    self._promote(standby, index)
+                    self.refill_standbys()
+                else:
+                    log.info("replacing %s (%s): starting its successor first", worker.label, why)
+                    try:
+                        successor = await herd.start_worker(
+                            Generation.of(worker), index, suspended=herd.suspended, attempts=1, progress=log.warning
+                        )
+                    except StartError:
+                        attempt += 1
+                        await asyncio.sleep(crash_backoff(attempt + 1))
+                        continue  # the old one keeps serving meanwhile
+                    if herd.slots.get(index) is not worker:
+                        await successor.stop()
+                        return
+                    herd.publish(index, successor)
+                await herd.retire([worker])
+                return
+
+    def _schedule_max_age(self, worker: Worker) -> None:
+        max_age = self.herd.config.max_age
+        if max_age is None or worker.id in self._age_timers:
+            return
+        started = worker.online_at or time.time()
+        due = started + max_age * (1 + random.uniform(0, MAX_AGE_JITTER)) - time.time()
+        loop = asyncio.get_running_loop()
+        self._age_timers[worker.id] = loop.call_later(
+            max(0.0, due), self.replace_live, worker, f"older than max_age ({max_age:g}s)"
+        )
+
+    def _watch_memory(self) -> None:
+        if not self.herd.running or self.herd.config.max_memory is None:
+            return
+        if self._memory_watch is None or self._memory_watch.done():
+            self._memory_watch = asyncio.create_task(self._check_memory(), name="max_memory")
+
+    async def _check_memory(self) -> None:
+        herd = self.herd
+        while herd.running and (limit := herd.config.max_memory) is not None:
+            for worker in list(herd.slots.values()):
+                rss = worker.rss()
+                if rss > limit and worker.id not in self._live_replacements:
+                    self.replace_live(worker, f"RSS {rss >> 20} MiB over max_memory ({limit >> 20} MiB)")
+            await asyncio.sleep(MEMORY_CHECK_INTERVAL)
+
+    def config_changed(self) -> None:
+        """max_age or max_memory changed on reload: re-arm the timers and the watch."""
+        for timer in self._age_timers.values():
+            timer.cancel()
+        self._age_timers.clear()
+        for worker in self.herd.slots.values():
+            self._schedule_max_age(worker)
+        if self._memory_watch is not None:
+            self._memory_watch.cancel()
+            self._memory_watch = None
+        self._watch_memory()

@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 from sockherd.cli import format_status
+from sockherd.daemon.environment import worker_environment
 from sockherd.daemon.healing import BACKOFF_CAP, crash_backoff
 from sockherd.daemon.notify import parse_notify
-from sockherd.daemon.process import describe_exit, new_worker_id, worker_environment
+from sockherd.daemon.process import describe_exit, new_worker_id
 from sockherd.init import nginx_snippet, run_init
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sockherd.daemon.environment import output_tail
 from sockherd.daemon.herd import DeployFailed, Generation, Herd, Progress
-from sockherd.daemon.process import StartError, Worker, output_tail
+from sockherd.daemon.process import StartError, Worker
 
 log = logging.getLogger("sockherd")
 

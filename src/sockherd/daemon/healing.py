@@ -158,7 +158,9 @@ class Healer:
                 delay = crash_backoff(health.consecutive)
                 if delay:
                     health.next_attempt_at = time.time() + delay
-                    log.info("slot %d: crash loop (%d in a row); next attempt in %.1fs", index, health.consecutive, delay)
+                    log.info(
+                        "slot %d: crash loop (%d in a row); next attempt in %.1fs", index, health.consecutive, delay
+                    )
                     await asyncio.sleep(delay)
                     health.next_attempt_at = None
                 try:

@@ -160,7 +160,9 @@ class Herd:
         raise last
 
     def publish(self, index: int, worker: Worker) -> None:
-        publish_symlink(self.config.symlink_path(index), worker.socket_path, relative=self.config.symlinks == "relative")
+        publish_symlink(
+            self.config.symlink_path(index), worker.socket_path, relative=self.config.symlinks == "relative"
+        )
         worker.index = index
         self.slots[index] = worker
         self.healer.published(index, worker)

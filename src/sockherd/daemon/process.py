@@ -16,36 +16,19 @@ import secrets
 import signal
 import stat
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import psutil
 
 from sockherd import protocol
 from sockherd.config import Config, Timeouts, WorkerSpec, render_command
+from sockherd.daemon.environment import open_output, worker_environment
 from sockherd.daemon.reaper import Reaper, kill_process_group, send_signal
 
 log = logging.getLogger("sockherd")
 
-# Variables a worker inherits from the daemon without being named in `env`: what any
-# program needs to find its tools, its home and its locale, and nothing that could
-# carry the daemon's secrets.
-BASE_ENV_ALLOWLIST = (
-    "PATH",
-    "HOME",
-    "USER",
-    "LOGNAME",
-    "LANG",
-    "LANGUAGE",
-    "TZ",
-    "TMPDIR",
-    "VIRTUAL_ENV",
-    "JOURNAL_STREAM",
-    "INVOCATION_ID",
-)
 _PROBE_FIRST_DELAY = 0.005
 _PROBE_MAX_DELAY = 0.1
 _REAP_AFTER_KILL = 5.0
@@ -81,54 +64,6 @@ class FrameSink(Protocol):
 
 def new_worker_id(index: int | None) -> str:
     return f"{'s' if index is None else index}-{secrets.token_hex(3)}"
-
-
-def worker_environment(spec: WorkerSpec, environ: Mapping[str, str], contract: Mapping[str, str]) -> dict[str, str]:
-    """Build a worker's environment from an allow-list, never by copying the daemon's."""
-    allowed = set(BASE_ENV_ALLOWLIST) | set(spec.env)
-    env = {k: v for k, v in environ.items() if k in allowed or k.startswith("LC_")}
-    _prefer_own_virtualenv(env)
-    env.update(spec.environment)
-    env.update(contract)
-    return env
-
-
-def _prefer_own_virtualenv(env: dict[str, str]) -> None:
-    """Workers find the virtualenv the daemon runs from first on PATH.
-
-    The daemon is installed into the application's virtualenv; ``command = ["python",
-    ...]`` must mean that environment's python even when nobody activated it (a
-    systemd unit calling .venv/bin/sockherd, say).
-    """
-    if sys.prefix == sys.base_prefix:
-        return
-    bin_dir = os.path.dirname(sys.executable)
-    path = env.get("PATH", os.defpath).split(os.pathsep)
-    if not path or path[0] != bin_dir:
-        env["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
-    env.setdefault("VIRTUAL_ENV", sys.prefix)
-
-
-def output_tail(spec: WorkerSpec, lines: int = 10) -> list[str]:
-    """The last lines of the worker's log file, for a failed start's error message."""
-    path = spec.stderr or spec.stdout
-    if path is None:
-        return []
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    return tail.splitlines()[-lines:]
-
-
-def _open_output(path: Path | None) -> int | None:
-    # O_APPEND and handed straight to the worker: a dead daemon never breaks its writes.
-    if path is None:
-        return None
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
 
 class Worker:
@@ -205,8 +140,8 @@ class Worker:
         }
 
     def _popen(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        stdout = _open_output(self.spec.stdout)
-        stderr = _open_output(self.spec.stderr)
+        stdout = open_output(self.spec.stdout)
+        stderr = open_output(self.spec.stderr)
         try:
             return subprocess.Popen(
                 argv,

@@ -1,0 +1,246 @@
+"""What peers on the IPC socket and the sd_notify socket may ask of the daemon.
+
+Every frame arriving here is untrusted: data is validated field by field, an unknown
+request gets an error reply, and the only way to change state is a well-formed request
+from a peer that said hello (the IPC server already checked its uid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from sockherd import __version__, protocol
+from sockherd.config import ConfigError
+from sockherd.daemon.herd import Busy, DeployFailed
+from sockherd.daemon.ipc import Connection
+from sockherd.protocol import Message, ProtocolError
+
+if TYPE_CHECKING:
+    from sockherd.daemon.daemon import Daemon
+
+log = logging.getLogger("sockherd")
+
+Command = Callable[[Connection, Message], Awaitable[None]]
+Progress = Callable[[str], None]
+MAX_REASON = 1000
+
+
+def log_progress(text: str) -> None:
+    log.info("%s", text)
+
+
+class Control:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.herd = daemon.herd
+        self._commands: dict[str, Command] = {
+            "status": self._status,
+            "config": self._config,
+            "start": self._start,
+            "restart": self._restart,
+            "resume": self._resume,
+            "set-workers": self._set_workers,
+            "set-standby": self._set_standby,
+            "stop": self._stop,
+            "reload": self._reload,
+            "terminate": self._terminate,
+        }
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    async def on_message(self, conn: Connection, msg: Message) -> None:
+        if msg.is_reply:
+            return  # nothing is asked of peers yet
+        if conn.role is None:
+            if msg.type != "hello":
+                raise ProtocolError(f"expected a hello first, got {msg.type!r}")
+            self._hello(conn, msg)
+        elif conn.role == protocol.ROLE_WORKER:
+            self._worker_message(conn, msg)
+        elif msg.id is not None:
+            command = self._commands.get(msg.type)
+            if command is None:
+                conn.reply(msg.id, errors=[f"unknown request type {msg.type!r}"])
+            else:
+                await command(conn, msg)
+
+    def _hello(self, conn: Connection, msg: Message) -> None:
+        data = msg.data if isinstance(msg.data, dict) else {}
+        role, version = data.get("role"), data.get("version", protocol.PROTOCOL_VERSION)
+        error = None
+        if role not in (protocol.ROLE_CLIENT, protocol.ROLE_WORKER):
+            error = f"hello: 'role' must be {protocol.ROLE_CLIENT!r} or {protocol.ROLE_WORKER!r}"
+        elif not isinstance(version, int) or version > protocol.PROTOCOL_VERSION:
+            error = (
+                f"hello: protocol version {version!r} is not supported (this daemon speaks {protocol.PROTOCOL_VERSION})"
+            )
+        elif role == protocol.ROLE_WORKER:
+            error = self._attach_worker(conn, data.get("id"))
+        if error is not None:
+            log.warning("IPC: refused a hello from pid %d: %s", conn.pid, error)
+            if msg.id is not None:
+                conn.reply(msg.id, errors=[error])
+            raise ProtocolError(error)
+        conn.role = role
+        if msg.id is not None:
+            conn.reply(msg.id, {"daemon_pid": os.getpid(), "version": __version__, "name": self.daemon.config.name})
+
+    def _attach_worker(self, conn: Connection, worker_id: object) -> str | None:
+        worker = self.herd.workers.get(worker_id) if isinstance(worker_id, str) else None
+        if worker is None:
+            return f"hello: no worker with id {worker_id!r}"
+        if self.herd.worker_for_pid(conn.pid) is not worker:
+            return f"hello: pid {conn.pid} is not worker {worker.id} (pid {worker.pid}) or its child"
+        conn.worker_id = worker.id
+        # The worker process itself owns the link; a child that inherited its
+        # environment (a wrapper's server, a subprocess importing the library) may
+        # report for it, but never displaces the worker's own connection.
+        if conn.pid == worker.pid or worker.link is None or not worker.link.is_open:
+            worker.attach_link(conn)
+        return None
+
+    def on_disconnect(self, conn: Connection) -> None:
+        if conn.worker_id is not None:
+            worker = self.herd.workers.get(conn.worker_id)
+            if worker is not None and worker.link is conn:
+                worker.link = None
+
+    def _worker_message(self, conn: Connection, msg: Message) -> None:
+        worker = self.herd.workers.get(conn.worker_id or "")
+        if worker is None:
+            return
+        data = msg.data if isinstance(msg.data, dict) else {}
+        if msg.type == "online":
+            worker.report_online("ipc")
+        elif msg.type == "broken":
+            self.herd.healer.on_broken(worker, str(data.get("reason", ""))[:MAX_REASON] or "no reason given")
+        elif msg.id is not None:
+            conn.reply(msg.id, errors=[f"unknown request type {msg.type!r}"])
+
+    def on_notify(self, pid: int, fields: dict[str, str]) -> None:
+        """An sd_notify datagram, attributed to a worker by the kernel's credentials."""
+        worker = self.herd.worker_for_pid(pid)
+        if worker is None:
+            log.debug("notify from unknown pid %d: %s", pid, fields)
+            return
+        if "STATUS" in fields:
+            worker.status_text = fields["STATUS"][:200]
+        if fields.get("READY") == "1":
+            worker.report_online("sd_notify")
+        if "BROKEN" in fields:  # our extension: systemd ignores fields it does not know
+            self.herd.healer.on_broken(worker, fields["BROKEN"][:MAX_REASON] or "no reason given")
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _streaming(conn: Connection, request_id: int | str) -> Progress:
+        """Progress lines go to the log and, as partial replies, to the asking client."""
+
+        def progress(text: str) -> None:
+            log_progress(text)
+            conn.reply(request_id, {"progress": text}, done=False)
+
+        return progress
+
+    @staticmethod
+    def _int_field(
+        conn: Connection, msg: Message, key: str, default: int | None, bounds: tuple[int, int]
+    ) -> int | None:
+        """A validated integer from the request's data, or None after an error reply."""
+        assert msg.id is not None
+        data = msg.data if isinstance(msg.data, dict) else {}
+        value = data.get(key, default)
+        low, high = bounds
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            conn.reply(msg.id, errors=[f"{msg.type}: {key!r} must be an integer from {low} to {high}"])
+            return None
+        return value
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def _status(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        conn.reply(msg.id, self.daemon.status())
+
+    async def _config(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        conn.reply(msg.id, self.daemon.config.as_dict())
+
+    async def _deploy(self, conn: Connection, msg: Message, run: Callable[..., Awaitable[Any]]) -> None:
+        request_id = msg.id
+        assert request_id is not None
+        attempts = self._int_field(conn, msg, "max_attempts", self.daemon.config.max_start_attempts, (1, 100))
+        if attempts is None:
+            return
+        suspended = isinstance(msg.data, dict) and msg.data.get("suspended") is True
+        try:
+            result = await run(attempts, self._streaming(conn, request_id), suspended=suspended)
+        except Busy as exc:
+            conn.reply(request_id, errors=[str(exc)])
+        except DeployFailed as exc:
+            conn.reply(request_id, {"output": exc.output}, errors=[exc.reason])
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            conn.reply(request_id, errors=[f"{msg.type} interrupted by a stop"])
+        else:
+            conn.reply(request_id, {"result": result, "status": self.daemon.status()})
+
+    async def _start(self, conn: Connection, msg: Message) -> None:
+        await self._deploy(conn, msg, self.herd.start)
+
+    async def _restart(self, conn: Connection, msg: Message) -> None:
+        await self._deploy(conn, msg, self.herd.restart)
+
+    async def _resume(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        conn.reply(msg.id, {"resumed": self.herd.resume()})
+
+    async def _scale(self, conn: Connection, msg: Message, apply: Callable[[int, Progress], Awaitable[None]]) -> None:
+        request_id = msg.id
+        assert request_id is not None
+        count = self._int_field(conn, msg, "count", None, (1 if msg.type == "set-workers" else 0, 4096))
+        if count is None:
+            return
+        try:
+            await apply(count, self._streaming(conn, request_id))
+        except (Busy, DeployFailed) as exc:
+            conn.reply(request_id, errors=[str(exc)])
+        else:
+            conn.reply(request_id, {"result": count, "status": self.daemon.status()})
+
+    async def _set_workers(self, conn: Connection, msg: Message) -> None:
+        await self._scale(conn, msg, self.daemon.set_workers)
+
+    async def _set_standby(self, conn: Connection, msg: Message) -> None:
+        await self._scale(conn, msg, self.daemon.set_standby)
+
+    async def _stop(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        count = len(self.herd.workers)
+        await self.herd.stop()
+        conn.reply(msg.id, {"stopped": count})
+
+    async def _reload(self, conn: Connection, msg: Message) -> None:
+        request_id = msg.id
+        assert request_id is not None
+        try:
+            changed = await self.daemon.reload(self._streaming(conn, request_id))
+        except ConfigError as exc:
+            conn.reply(request_id, errors=[f"reload refused, the running configuration stays: {exc}"])
+        except (Busy, DeployFailed) as exc:
+            conn.reply(request_id, errors=[f"reload failed: {exc}"])
+        else:
+            conn.reply(request_id, {"result": changed})
+
+    async def _terminate(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        log.info("terminate requested by pid %d: stopping all workers", conn.pid)
+        await self.herd.stop()
+        conn.reply(msg.id, {"terminated": True})
+        self.daemon.request_quit()

@@ -7,6 +7,10 @@ No framework, so that everything between nginx and the app is visible:
 * ``POST /echo`` returns the request body;
 * ``GET /slow?ms=N`` answers after N milliseconds (a request to drain during a restart);
 * ``GET /pid`` returns just the pid.
+
+The app is wrapped in :class:`sockherd.asgi.SuspendMiddleware`, so a worker started
+suspended (``sockherd restart --suspended``, for a deploy with a database migration)
+holds requests until ``sockherd resume``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from sockherd import worker
+from sockherd.asgi import SuspendMiddleware
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -65,7 +70,7 @@ async def lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def app(scope: Scope, receive: Receive, send: Send) -> None:
+async def hello_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         await lifespan(receive, send)
         return
@@ -92,3 +97,6 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await respond(send, 405, "method not allowed\n")
     else:
         await respond(send, 404, "not found\n")
+
+
+app = SuspendMiddleware(hello_app)

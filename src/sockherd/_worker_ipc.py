@@ -9,7 +9,9 @@ reconnect, or, when the daemon refuses the hello, in giving up on IPC altogether
 
 State that must survive a reconnect (``online``, ``broken``) is kept as state and
 re-sent after every successful hello, because a re-executed daemon needs it again;
-everything else queued for a connection dies with it.
+everything else queued for a connection dies with it. What the daemon says (``shutdown``,
+``resume``) goes to the callbacks given to :class:`IpcLink`; a suspension is not
+announced again after a reconnect: the daemon knows it, and re-sends ``resume`` if due.
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ RECV_SIZE = 65536
 class IpcLink:
     """One worker's link to the daemon at ``path``. Thread-safe; the thread starts on start()."""
 
-    def __init__(self, path: str, worker_id: str, on_shutdown: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        path: str,
+        worker_id: str,
+        on_shutdown: Callable[[], None],
+        on_resume: Callable[[int | None], None],
+    ) -> None:
         self._path = path
         self._worker_id = worker_id
         self._on_shutdown = on_shutdown
+        self._on_resume = on_resume
         self._lock = threading.Lock()
         self._flushed = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -227,9 +236,16 @@ class IpcLink:
                 return True
             return greeted  # no other request of ours is outstanding
         if msg.type == "shutdown":
-            self._call_shutdown_handler()
+            self._call("shutdown", self._on_shutdown)
             if msg.id is not None:
                 self._reply(msg.id, None)
+        elif msg.type == "resume":
+            index, error = resume_index(msg.data)
+            if error is not None:
+                log.warning("sockherd: %s; resuming without it", error)
+            self._call("resume", self._on_resume, index)
+            if msg.id is not None:  # a one-way message by contract; a request is answered all the same
+                self._reply(msg.id, None if error is None else [error])
         elif msg.id is not None:
             self._reply(msg.id, [f"unknown request type {msg.type}"])
         # else: a message type this version does not know; ignored for forward compatibility
@@ -239,11 +255,11 @@ class IpcLink:
         with self._lock:
             self._queue_locked(protocol.reply(request_id, errors=errors))
 
-    def _call_shutdown_handler(self) -> None:
+    def _call(self, what: str, handler: Callable[..., None], *args: object) -> None:
         try:
-            self._on_shutdown()
+            handler(*args)
         except Exception:
-            log.exception("sockherd: the shutdown handler failed")
+            log.exception("sockherd: the %s handler failed", what)
 
     def _send_queued(self, sock: socket.socket) -> None:
         with self._lock:
@@ -265,6 +281,25 @@ class IpcLink:
                 if sent:
                     self._sent = max(self._sent, queued)
                 self._flushed.notify_all()
+
+
+def resume_index(data: object) -> tuple[int | None, str | None]:
+    """The slot a ``resume`` promotes this worker into, if any, and what was wrong with it.
+
+    ``data`` is absent, ``{}`` (a plain resume) or ``{"index": N}`` (a standby promoted
+    into slot N). A malformed index is reported but does not stop the resume: holding
+    every request because of a bad number would be the worse failure.
+    """
+    if data is None:
+        return None, None
+    if not isinstance(data, dict):
+        return None, f"resume data must be an object, got {type(data).__name__}"
+    index = data.get("index")
+    if index is None:
+        return None, None
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        return None, f"resume index must be a non-negative integer, got {index!r}"
+    return index, None
 
 
 class _GiveUp(Exception):

@@ -3,12 +3,14 @@
 The module is the singleton. At import it reads the environment the daemon set
 (``SOCKHERD_*``); the values are exposed as module attributes (``socket_path``, ``id``,
 ``index``, ``ipc_path``, ``suspended``, ``socket_mode``, ``backlog``) and the functions
-below report to the daemon and react to it.
+below report to the daemon and react to it. Two of them are live: ``suspended`` and
+``index`` change when the daemon resumes the worker (see :func:`wait_resumed`).
 
 Without sockherd (no ``SOCKHERD_*`` variables) ``socket_path`` is None and the reporting
 functions are no-ops, so the same app also runs standalone; ``report_online()`` still
 sends ``READY=1`` to systemd when ``NOTIFY_SOCKET`` is set, and shutdown hooks still run
-at exit, because an app's clean-up should not depend on who started it.
+at exit, because an app's clean-up should not depend on who started it. A standalone
+app is never suspended.
 
 Threads and asyncio are both first-class: every function is a plain call that records
 state and hands frames to one background thread (see :mod:`sockherd._worker_ipc`), so
@@ -20,7 +22,6 @@ early hello tells it this worker speaks the protocol. Standalone, no thread star
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import inspect
 import logging
@@ -28,11 +29,12 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from sockherd._worker_ipc import IpcLink
+from sockherd._worker_state import DEFAULT_SOCKET_MODE as _DEFAULT_SOCKET_MODE
+from sockherd._worker_state import Environment, Resumed, ResumeState, hook_name, read_environment, run_blocking
 
 __all__ = [
     "Environment",
@@ -41,99 +43,28 @@ __all__ = [
     "id",
     "index",
     "ipc_path",
+    "on_resume",
     "on_shutdown",
     "read_environment",
     "report_broken",
     "report_online",
+    "resumed",
     "run_shutdown_hooks",
     "run_shutdown_hooks_async",
     "set_shutdown_handler",
     "socket_mode",
     "socket_path",
     "suspended",
+    "wait_resumed",
+    "wait_resumed_async",
 ]
 
 log = logging.getLogger("sockherd.worker")
 
-DEFAULT_SOCKET_MODE = 0o660
+DEFAULT_SOCKET_MODE = _DEFAULT_SOCKET_MODE  # the mode without SOCKHERD_SOCKET_MODE
 EXIT_FLUSH_TIMEOUT = 1.0  # seconds at exit to deliver what was reported just before
 
 HookT = TypeVar("HookT", bound=Callable[[], object])
-
-
-def _kernel_somaxconn() -> int:
-    try:
-        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
-
-
-@dataclass(frozen=True, slots=True)
-class Environment:
-    """What the daemon told this worker. All None/defaults when running standalone."""
-
-    socket_path: str | None = None
-    worker_id: str | None = None
-    index: int | None = None  # None for a standby (and standalone)
-    ipc_path: str | None = None
-    suspended: bool = False
-    socket_mode: int = DEFAULT_SOCKET_MODE
-    backlog: int = socket.SOMAXCONN
-    notify_socket: str | None = None
-
-
-def read_environment(environ: Mapping[str, str]) -> Environment:
-    """Parse the worker environment. A malformed value raises ValueError naming the variable.
-
-    Failing loudly is deliberate: the daemon always sets valid values, so a bad one is a
-    hand-made mistake, and guessing (say, a wider socket mode) would hide it.
-    """
-
-    def get(name: str) -> str | None:
-        return environ.get(name) or None  # empty means unset
-
-    index_text = get("SOCKHERD_INDEX")
-    index: int | None = None
-    if index_text is not None and index_text != "standby":
-        index = _parse(index_text, "SOCKHERD_INDEX", "an integer or 'standby'", int)
-        if index < 0:
-            raise ValueError(f"SOCKHERD_INDEX must not be negative, got {index_text!r}")
-    mode_text = get("SOCKHERD_SOCKET_MODE")
-    mode = DEFAULT_SOCKET_MODE
-    if mode_text is not None:
-        mode = _parse(mode_text, "SOCKHERD_SOCKET_MODE", "an octal mode such as 660", lambda s: int(s, 8))
-        if not 0 <= mode <= 0o777:
-            raise ValueError(f"SOCKHERD_SOCKET_MODE must be between 000 and 777, got {mode_text!r}")
-    backlog_text = get("SOCKHERD_BACKLOG")
-    backlog = _kernel_somaxconn()
-    if backlog_text is not None:
-        backlog = _parse(backlog_text, "SOCKHERD_BACKLOG", "a positive integer", int)
-        if backlog < 1:
-            raise ValueError(f"SOCKHERD_BACKLOG must be a positive integer, got {backlog_text!r}")
-    suspended_text = get("SOCKHERD_SUSPENDED") or "0"
-    if suspended_text not in ("0", "1"):
-        raise ValueError(f"SOCKHERD_SUSPENDED must be 0 or 1, got {suspended_text!r}")
-    env = Environment(
-        socket_path=get("SOCKHERD_SOCKET"),
-        worker_id=get("SOCKHERD_WORKER_ID"),
-        index=index,
-        ipc_path=get("SOCKHERD_IPC"),
-        suspended=suspended_text == "1",
-        socket_mode=mode,
-        backlog=backlog,
-        notify_socket=get("NOTIFY_SOCKET"),
-    )
-    if env.ipc_path is not None and env.worker_id is None:
-        raise ValueError("SOCKHERD_IPC is set but SOCKHERD_WORKER_ID is not: the daemon could not tell who is calling")
-    return env
-
-
-def _parse(text: str, name: str, expected: str, convert: Callable[[str], int]) -> int:
-    try:
-        return convert(text)
-    except ValueError:
-        raise ValueError(f"{name} must be {expected}, got {text!r}") from None
 
 
 def _default_shutdown_handler() -> None:
@@ -165,7 +96,12 @@ class _Worker:
         self._ready_notified = False
         self.ipc: IpcLink | None = None
         if env.ipc_path is not None and env.worker_id is not None:
-            self.ipc = IpcLink(env.ipc_path, env.worker_id, self.handle_shutdown_message)
+            self.ipc = IpcLink(env.ipc_path, env.worker_id, self.handle_shutdown_message, self.handle_resume_message)
+        elif env.suspended:
+            # Only the daemon's resume ends a suspension: without a link to it, holding
+            # every request would be holding them forever.
+            log.warning("sockherd: SOCKHERD_SUSPENDED=1 without SOCKHERD_IPC: nothing could resume this worker")
+        self.resume_state = ResumeState(suspended=env.suspended and self.ipc is not None, index=env.index)
 
     def report_online(self) -> None:
         if self.ipc is not None:
@@ -180,13 +116,28 @@ class _Worker:
         _sd_notify(self.env.notify_socket, b"READY=1")
 
     def handle_shutdown_message(self) -> None:
-        """Called by the IPC thread on ``shutdown``; the handler runs once however often it comes."""
+        """Called by the IPC thread on ``shutdown``; the handler runs once however often it comes.
+
+        A suspended worker is resumed first (its resume hooks run too). Its held
+        requests are requests nginx already sent to it, and a staged shutdown finishes
+        accepted work: a rollback, for one, retires a generation that was started
+        suspended and never resumed, and dropping what it holds would fail every one
+        of those requests. Resumed, the held requests become in-flight ones, which the
+        drain then waits for.
+        """
         with self._lock:
             if self._shutdown_requested:
                 return
             self._shutdown_requested = True
             handler = self._shutdown_handler or _default_shutdown_handler
+        if self.resume_state.resume():
+            log.info("sockherd: shutdown while suspended: resumed first, so that held requests are served")
         handler()
+
+    def handle_resume_message(self, index: int | None) -> None:
+        """Called by the IPC thread on ``resume``; ``index`` is set when a standby is promoted."""
+        if self.resume_state.resume(index):
+            log.info("sockherd: resumed (index %s)", self.resume_state.index)
 
     def set_shutdown_handler(self, fn: Callable[[], None] | None) -> None:
         with self._lock:
@@ -210,11 +161,12 @@ class _Worker:
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
+        self.resume_state.after_fork_in_child()
         if self.ipc is not None:
             self.ipc.after_fork_in_child()
 
 
-# -- the module's state, read once at import ----------------------------------------
+# -- the module's state: read once at import, but for index and suspended -------------
 
 _env = read_environment(os.environ)
 _worker = _Worker(_env)
@@ -223,16 +175,35 @@ socket_path: str | None = _env.socket_path
 """Path this worker must bind (``SOCKHERD_SOCKET``); None when running standalone."""
 id: str | None = _env.worker_id  # shadows the builtin here only; it is the documented name
 """This worker's id (``SOCKHERD_WORKER_ID``)."""
-index: int | None = _env.index
-"""The slot this worker serves (``SOCKHERD_INDEX``); None for a standby or standalone."""
 ipc_path: str | None = _env.ipc_path
 """The daemon's IPC socket (``SOCKHERD_IPC``)."""
-suspended: bool = _env.suspended
-"""Started suspended (``SOCKHERD_SUSPENDED=1``): ready, but holding work until resumed."""
+# `index` and `suspended` are live (a resume changes them), so they are not module
+# globals but answers of __getattr__ below; the bare annotations give type checkers
+# their types. Read them as `worker.index`: `from sockherd.worker import index` copies
+# the value of the moment, as any from-import does.
+index: int | None
+"""The slot this worker serves (``SOCKHERD_INDEX``, or the ``resume`` that promoted it); None for a standby."""
+suspended: bool
+"""True until the daemon resumes a worker started with ``SOCKHERD_SUSPENDED=1``; always False standalone."""
+resumed: Resumed = Resumed(_worker.resume_state)
+"""``await worker.resumed`` returns once the worker is resumed (at once if it is not suspended), in any event loop."""
 socket_mode: int = _env.socket_mode
 """Permission bits for the worker socket (``SOCKHERD_SOCKET_MODE``, octal)."""
 backlog: int = _env.backlog
 """``listen()`` backlog for the worker socket (``SOCKHERD_BACKLOG``; default: somaxconn)."""
+
+if not TYPE_CHECKING:  # hidden from type checkers, which would type every misspelt attribute as its result
+
+    def __getattr__(name: str) -> object:
+        if name == "index":
+            return _worker.resume_state.index
+        if name == "suspended":
+            return _worker.resume_state.suspended
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted([*globals(), "index", "suspended"])
+
 
 atexit.register(_worker.at_exit)
 os.register_at_fork(after_in_child=_worker.after_fork_in_child)
@@ -277,7 +248,7 @@ async def run_shutdown_hooks_async() -> None:
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            log.exception("sockherd: shutdown hook %s failed", _name(hook))
+            log.exception("sockherd: shutdown hook %s failed", hook_name(hook))
 
 
 def run_shutdown_hooks() -> None:
@@ -290,9 +261,46 @@ def run_shutdown_hooks() -> None:
         try:
             result = hook()
             if inspect.isawaitable(result):
-                _await_blocking(result)
+                run_blocking(result)
         except Exception:
-            log.exception("sockherd: shutdown hook %s failed", _name(hook))
+            log.exception("sockherd: shutdown hook %s failed", hook_name(hook))
+
+
+def wait_resumed(timeout: float | None = None) -> bool:
+    """Block until the worker is resumed; False if ``timeout`` seconds passed first.
+
+    For threads (a WSGI request, a job runner). Returns True at once when the worker is
+    not suspended, standalone included. In a coroutine use :data:`resumed` or
+    :func:`wait_resumed_async` instead, which do not block the loop.
+    """
+    return _worker.resume_state.wait(timeout)
+
+
+# A `timeout` argument rather than asyncio.timeout(): running out is an answer (False), not an error.
+async def wait_resumed_async(timeout: float | None = None) -> bool:  # noqa: ASYNC109
+    """:func:`wait_resumed` for coroutines: ``await worker.resumed`` with a timeout."""
+    return await _worker.resume_state.wait_async(timeout)
+
+
+def on_resume(fn: HookT) -> HookT:
+    """Register a resume hook (sync or async), run once, when the worker is resumed; a decorator.
+
+    The place to start background work that must not run before the daemon says so
+    (say, jobs that need the migrated database schema). On a worker that is not
+    suspended (standalone included) the hook runs at once, so the same code works
+    everywhere.
+
+    Where it runs: registered while an event loop runs (in a lifespan startup, or at
+    import by a server that imports the app inside its loop, as uvicorn does with
+    "module:app"), on that loop, an async hook as a task there: that is where an app's
+    background tasks must live. Registered outside any loop, a plain function is called
+    directly, at resume on the library's IPC thread, so it must return promptly (start
+    work, do not do it); an async one runs in ``asyncio.run`` on a thread of its own.
+    Exceptions are logged. A ``shutdown`` that comes while suspended resumes the worker
+    first, so these hooks are started before the shutdown handler runs.
+    """
+    _worker.resume_state.add_hook(fn)
+    return fn
 
 
 def set_shutdown_handler(fn: Callable[[], None] | None) -> None:
@@ -350,31 +358,3 @@ def _bind(sock: socket.socket, path: str) -> None:
         sock.bind(path)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot bind the worker socket {path}: {exc.strerror}") from exc
-
-
-def _name(fn: Callable[..., object]) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
-
-
-def _await_blocking(awaitable: Awaitable[Any]) -> None:
-    async def wait() -> None:
-        await awaitable
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(wait())
-        return
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(wait())
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name="sockherd-hook")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]

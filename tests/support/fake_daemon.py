@@ -70,12 +70,23 @@ class FakeDaemon:
         self.wait_for(lambda d: any(n == conn and m.type == type_ for n, m in d.received), f"{type_} on #{conn}")
         return next(m for n, m in self.received if n == conn and m.type == type_)
 
+    def wait_reply(self, request_id: int | str, conn: int = 1) -> protocol.Message:
+        def replied(d: FakeDaemon) -> bool:
+            return any(n == conn and m.is_reply and m.request_id == request_id for n, m in d.received)
+
+        self.wait_for(replied, f"the reply to request {request_id!r} on #{conn}")
+        return next(m for n, m in self.received if n == conn and m.is_reply and m.request_id == request_id)
+
     def types(self, conn: int | None = None) -> list[str]:
         with self._cond:
             return [m.type for n, m in self.received if conn is None or n == conn]
 
     def send(self, frame: bytes, conn: int = -1) -> None:
         self.conns[conn].sendall(frame)
+
+    def resume(self, data: object = None, *, id: int | None = None, conn: int = -1) -> None:
+        """Send ``resume`` (with ``id``: as a request, so that the reply says it was handled)."""
+        self.send(protocol.message("resume", data, id=id), conn)
 
     def drop(self) -> None:
         """Close the newest connection, as a daemon that crashed would."""

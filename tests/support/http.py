@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 _PID = re.compile(rb"pid[= ](\d+)")
+_TORN = re.compile(r"IncompleteReadError: \d+ bytes read on a total of \d+ expected bytes")
 
 
 @dataclass
@@ -90,6 +91,15 @@ class LoadResult:
     @property
     def total(self) -> int:
         return self.ok + len(self.failures)
+
+    def failures_except_torn(self) -> list[str]:
+        """Failures other than responses cut off after their head had arrived.
+
+        A worker killed with SIGKILL between writing a response's head and its body
+        tears that response; nginx has already forwarded the head and cannot retry.
+        No manager can save those. Every other request must succeed.
+        """
+        return [f for f in self.failures if not _TORN.search(f)]
 
 
 async def _read_response(reader: asyncio.StreamReader) -> Response:

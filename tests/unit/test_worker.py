@@ -84,8 +84,12 @@ def test_public_api_is_what_it_claims() -> None:
         *("socket_path", "id", "index", "ipc_path", "suspended", "socket_mode", "backlog"),
         *("report_online", "report_broken", "on_shutdown", "run_shutdown_hooks", "run_shutdown_hooks_async"),
         *("set_shutdown_handler", "bind_socket", "Environment", "read_environment"),
+        *("resumed", "wait_resumed", "wait_resumed_async", "on_resume"),
     }
     assert all(hasattr(worker, name) for name in worker.__all__)
+    assert set(worker.__all__) <= set(dir(worker))  # index and suspended are live: served by __getattr__
+    with pytest.raises(AttributeError, match="has no attribute 'suspendde'"):
+        worker.suspendde  # type: ignore[attr-defined]  # noqa: B018
 
 
 # -- the environment ----------------------------------------------------------------

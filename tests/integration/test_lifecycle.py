@@ -177,3 +177,35 @@ def test_max_age_recycles_one_slot_at_a_time(start_daemon: DaemonFactory) -> Non
     events = [line for line in daemon.lines if "older than max_age" in line or ") exited" in line]
     kinds = ["replace" if "max_age" in line else "exit" for line in events]
     assert kinds[:4] == ["replace", "exit", "replace", "exit"], events[:4]
+
+
+def test_restart_while_suspended_rolls_back_and_serves_the_held_requests(start_daemon: DaemonFactory) -> None:
+    """restart --suspended; migrations fail; `restart` (old code back on disk) while still suspended."""
+    import socket
+    import sys
+    import threading
+
+    from support.daemon import REPO
+    from support.http import build_request, read_response
+
+    app = {"command": [sys.executable, "-m", "sockherd.uvicorn", "asgi_app:app"], "cwd": str(REPO / "tests" / "apps")}
+    daemon = start_daemon({**app, "workers": 1, "linger": 0.05})
+    daemon.wait_ready(1, timeout=30)
+    assert daemon.cli("restart", "--suspended").returncode == 0
+    suspended_worker = daemon.status()["workers"][0]
+    assert suspended_worker["state"] == "suspended"
+    held = socket.socket(socket.AF_UNIX)
+    held.settimeout(30)
+    held.connect(str(daemon.tmp_dir / "app.0.sock"))
+    held.sendall(build_request("GET", "/"))
+    answer: list[int | None] = []
+    reader = threading.Thread(target=lambda: answer.append(read_response(held).pid))
+    reader.start()
+    result = daemon.cli("restart")  # roll back: a new, not suspended generation
+    assert result.returncode == 0, result.stderr
+    reader.join(30)
+    held.close()
+    assert answer == [suspended_worker["pid"]], "the held request was served when its worker shut down"
+    status = daemon.status()
+    assert not status["daemon"]["suspended"]
+    assert status["workers"][0]["state"] == "online" and status["workers"][0]["pid"] != suspended_worker["pid"]

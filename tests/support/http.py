@@ -87,6 +87,7 @@ class LoadResult:
     methods: Counter[str] = field(default_factory=Counter)
     pids: Counter[int] = field(default_factory=Counter)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (start time, seconds)
+    status_times: list[tuple[float, int]] = field(default_factory=list)  # (start time, status; 0 = no response)
 
     @property
     def total(self) -> int:
@@ -126,12 +127,14 @@ async def _client(port: int, stop: asyncio.Event, result: LoadResult, n: int, po
             response = await asyncio.wait_for(_read_response(reader), 30)
         except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
             result.failures.append(f"{method}: {type(exc).__name__}: {exc}")
+            result.status_times.append((start, 0))
             if conn is not None:
                 conn[1].close()
             conn = None
             continue
         elapsed = time.monotonic() - start
         result.latencies.append((start, elapsed))
+        result.status_times.append((start, response.status))
         result.statuses[response.status] += 1
         result.methods[method] += 1
         if response.status == 200:

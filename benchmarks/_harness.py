@@ -24,8 +24,11 @@ APP = {
 
 @contextlib.contextmanager
 def daemon(settings: dict[str, Any], *args: str) -> Iterator[RunningDaemon]:
-    with tempfile.TemporaryDirectory(prefix="sh-bench-") as workdir, running_daemon(Path(workdir), settings, *args) as d:
-        yield d
+    with (
+        tempfile.TemporaryDirectory(prefix="sh-bench-") as workdir,
+        running_daemon(Path(workdir), settings, *args) as running,
+    ):
+        yield running
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import signal
 import time
 
 from _harness import APP, daemon, distribution_ms, nginx, verdict
+
 from support.daemon import wait_for
 from support.http import LoadGenerator
 
@@ -61,7 +62,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
     ok = True
-    print(f"a worker SIGKILLed every {KILL_EVERY}s for {args.seconds:.0f}s, 16 keep-alive GET clients, nginx keepalive 32")
+    print(
+        f"a worker SIGKILLed every {KILL_EVERY}s for {args.seconds:.0f}s, 16 keep-alive GET clients, nginx keepalive 32"
+    )
     for label, max_fails in (("nginx defaults (max_fails=1 fail_timeout=10s)", 1), ("documented (max_fails=0)", 0)):
         for standby in (0, 1):
             total, failed, torn, bad_seconds, replacements = run(args.seconds, max_fails=max_fails, standby=standby)

@@ -53,6 +53,7 @@ SOMAXCONN_PATH: Final = Path("/proc/sys/net/core/somaxconn")
 # Set by the daemon for every worker: a value from the config would be silently overridden.
 WORKER_ENV_NAMES: Final = frozenset(
     {"SOCKHERD_SOCKET", "SOCKHERD_WORKER_ID", "SOCKHERD_INDEX", "SOCKHERD_IPC", "SOCKHERD_SUSPENDED"}
+    | {"SOCKHERD_SOCKET_MODE", "SOCKHERD_BACKLOG"}
     | {"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
 )
 
@@ -425,7 +426,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "argv of a worker, or a string split like a shell would; `{socket}`, `{id}` and `{index}` are "
             "substituted in every argument", command),
     Setting("tmp_dir", "path", REQUIRED,
-            "directory for worker sockets, their symlinks, the IPC socket and the state file", path),
+            "directory for worker sockets, their symlinks and the IPC and notify sockets", path),
     Setting("name", "string", "app", "app name, used in process titles and logs", name),
     Setting("socket_file", "string", "app.{worker}.sock",
             "symlink name pattern inside `tmp_dir`; must contain `{worker}` once", socket_file),

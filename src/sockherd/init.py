@@ -60,14 +60,17 @@ NotifyAccess=main
 WorkingDirectory={workdir}
 ExecStart={exe} daemon
 ExecReload=/bin/kill -HUP $MAINPID
-# The daemon stops its own workers, staged, on SIGTERM. KillMode=process lets a
-# restarted daemon adopt workers that outlived it instead of systemd killing them.
-KillMode=process
+# The daemon stops its own workers, staged, on SIGTERM; mixed sends SIGKILL to
+# whatever is left only after TimeoutStopSec. (Adoption of workers by a restarted
+# daemon is not in this release, so no worker may outlive the service.)
+KillMode=mixed
 TimeoutStopSec=60
 Restart=on-failure
 RuntimeDirectory={name}
 RuntimeDirectoryMode=2750
 RuntimeDirectoryPreserve=yes
+# The app's own user; nginx reaches the sockets through the group.
+User={name}
 Group=www-data
 
 [Install]
@@ -84,7 +87,7 @@ def run_init(cwd: Path, *, force: bool = False) -> int:
     target.write_text(STARTER_CONFIG.format(name=name))
     exe = shutil.which("sockherd") or f"{sys.executable} -m sockherd"
     print(f"wrote {target}\n")
-    print("# nginx (e.g. /etc/nginx/conf.d/{name}.conf):\n")
+    print(f"# nginx (e.g. /etc/nginx/conf.d/{name}.conf):\n")
     print(nginx_snippet(name, f"/run/{name}", 2))
     print(f"# systemd (/etc/systemd/system/{name}.service):\n")
     print(systemd_unit(name, cwd, exe))

@@ -451,3 +451,25 @@ def test_a_worker_that_served_a_while_is_replaced_at_once_every_time(start_daemo
         os.kill(worker["pid"], signal.SIGKILL)
         daemon.wait_log(r"published worker #0", start=mark)
         assert not any("crash loop" in line for line in daemon.lines[mark:])
+
+
+def test_an_unusable_log_file_is_named_and_leaves_nothing_behind(start_daemon: DaemonFactory, tmp_path: Path) -> None:
+    daemon = start_daemon(
+        {"command": tinyapp_command(), "stderr": str(tmp_path / "missing-dir" / "app.log")}, "--no-start"
+    )
+    wait_for(daemon.ipc.exists, 10, "the IPC socket")
+    result = daemon.cli("start", "--max-attempts", "2")
+    assert result.returncode == 1
+    assert (
+        f"cannot open its log file {tmp_path / 'missing-dir' / 'app.log'}: No such file or directory" in result.stderr
+    )
+    assert daemon.status()["workers"] == [], "workers that never ran leave no dead rows behind"
+
+
+def test_a_command_that_cannot_be_executed(start_daemon: DaemonFactory) -> None:
+    daemon = start_daemon({"command": ["/nonexistent/server", "{socket}"]}, "--no-start")
+    wait_for(daemon.ipc.exists, 10, "the IPC socket")
+    result = daemon.cli("start")
+    assert result.returncode == 1
+    assert "could not execute '/nonexistent/server'" in result.stderr
+    assert daemon.status()["workers"] == []

@@ -233,8 +233,10 @@ class Control:
             changed = await self.daemon.reload(self._streaming(conn, request_id))
         except ConfigError as exc:
             conn.reply(request_id, errors=[f"reload refused, the running configuration stays: {exc}"])
-        except (Busy, DeployFailed) as exc:
-            conn.reply(request_id, errors=[f"reload failed: {exc}"])
+        except Busy as exc:
+            conn.reply(request_id, errors=[str(exc)])
+        except DeployFailed as exc:
+            conn.reply(request_id, {"output": exc.output}, errors=[f"the running configuration stays: {exc.reason}"])
         else:
             conn.reply(request_id, {"result": changed})
 

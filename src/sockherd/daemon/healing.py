@@ -82,7 +82,9 @@ class Healer:
         self._watch_memory()
 
     def after_deploy(self) -> None:
-        """The herd runs (again): keep the standby pool full and watch memory."""
+        """The herd runs (again): a fresh generation starts with no crash loop behind it."""
+        for health in self.health.values():
+            health.consecutive = 0
         self.refill_standbys()
         self._watch_memory()
 

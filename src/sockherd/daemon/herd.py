@@ -151,6 +151,8 @@ class Herd:
                 last = exc
                 progress(f"{worker.label} failed to start (attempt {attempt}/{attempts}): {exc.reason}")
                 await worker.kill()
+                if worker.pid is None:  # never ran: no exit will be reaped to remove it
+                    self.workers.pop(worker.id, None)
                 continue
             except BaseException:
                 await asyncio.shield(worker.kill())

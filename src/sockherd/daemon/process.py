@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import os
 import secrets
@@ -139,9 +140,10 @@ class Worker:
             "NOTIFY_SOCKET": str(self._notify_path),
         }
 
-    def _popen(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        stdout = open_output(self.spec.stdout)
-        stderr = open_output(self.spec.stderr)
+    def _popen(
+        self, argv: list[str], env: dict[str, str], stdout: int | None, stderr: int | None
+    ) -> subprocess.Popen[bytes]:
+        """Runs in an executor thread; closes the output fds it was given, whatever happens."""
         try:
             return subprocess.Popen(
                 argv,
@@ -170,9 +172,19 @@ class Worker:
             index="standby" if self.index is None else str(self.index),
         )
         env = worker_environment(self.spec, os.environ, self._contract())
+        outputs: list[int | None] = []
+        for path in (self.spec.stdout, self.spec.stderr):
+            try:
+                outputs.append(open_output(path))
+            except OSError as exc:
+                for fd in outputs:
+                    if fd is not None:
+                        os.close(fd)
+                self._mark_dead(-1)
+                raise StartError(self, f"cannot open its log file {path}: {exc.strerror}") from None
         loop = asyncio.get_running_loop()
         # Popen blocks until exec succeeds; in a thread, so a hung exec has a deadline.
-        future = loop.run_in_executor(None, self._popen, argv, env)
+        future = loop.run_in_executor(None, functools.partial(self._popen, argv, env, outputs[0], outputs[1]))
         try:
             proc = await asyncio.wait_for(asyncio.shield(future), self.timeouts.spawn)
         except TimeoutError:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -96,6 +97,15 @@ class Daemon:
             prepare_tmp_dir(cfg.tmp_dir)
         except TmpDirError as exc:
             raise DaemonError(str(exc)) from None
+        for path in (cfg.ipc_path, cfg.notify_path):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISSOCK(mode):
+                # Something planted where our socket goes (a symlink, a file): never
+                # replace or follow it.
+                raise DaemonError(f"{path} exists and is not a socket; refusing to touch it (remove it if it is yours)")
         if cfg.ipc_path.exists() and socket_is_live(cfg.ipc_path):
             raise DaemonError(f"another sockherd daemon is already running on {cfg.ipc_path}")
         sweep_tmp_dir(cfg.tmp_dir, SocketNames.from_pattern(cfg.socket_file), (cfg.ipc_file, cfg.notify_path.name))
@@ -105,8 +115,13 @@ class Daemon:
         _set_title(f"sockherd daemon: {self.config.name} [{self.config.tmp_dir}]")
         reset_signal_dispositions()
         self.reaper.install()
-        await self.ipc.start()
-        self.notify.open(self._loop)
+        try:
+            await self.ipc.start()
+            self.notify.open(self._loop)
+        except OSError as exc:
+            await self.ipc.close()
+            where = self.config.tmp_dir
+            raise DaemonError(f"cannot listen in {where}: {exc.strerror} ({exc.filename or ''})") from None
         for sig in HANDLED_SIGNALS:
             self._loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         dispatcher = asyncio.create_task(self._dispatch_signals(), name="signals")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -125,7 +126,11 @@ class Healer:
         health = self.health.setdefault(index, SlotHealth())
         if worker.online_at is not None and time.time() - worker.online_at > BACKOFF_RESET_AFTER:
             health.consecutive = 0
-        health.consecutive += 1
+        if code != -signal.SIGKILL:
+            # An app cannot SIGKILL itself by mistake (bugs end in an exit status,
+            # SIGSEGV or SIGABRT): SIGKILL is the OOM killer or an operator, and the
+            # answer to that is a replacement now, however often it happens.
+            health.consecutive += 1
         health.restarts += 1
         if not herd.running:
             return
@@ -176,7 +181,7 @@ class Healer:
                 if herd.slots.get(index) is dead and herd.running:
                     health.replacement = None
                     herd.publish(index, worker)
-                else:
+                elif not self._fill_vacancy(worker):  # a standby filled our slot first
                     await worker.stop()
         finally:
             if health.replacement is asyncio.current_task():
@@ -201,8 +206,27 @@ class Healer:
                 health.consecutive += 1
                 continue
             health.consecutive = 0
-            if herd.current is not gen or len(herd.standbys()) > herd.target_standby:
-                await worker.stop()  # a deploy or a scale-down overtook us
+            if herd.current is not gen:
+                await worker.stop()  # a deploy overtook us
+            elif self._fill_vacancy(worker):
+                continue  # a slot died while this one started: it serves there; start another
+            elif len(herd.standbys()) > herd.target_standby:
+                await worker.stop()  # a scale-down overtook us
+
+    def _fill_vacancy(self, worker: Worker) -> bool:
+        """Promote a newly ready worker into a slot whose worker died, if there is one.
+
+        Whatever becomes ready first (a refilled standby, any slot's respawn) serves the
+        first vacant slot; that slot's own respawn is cancelled by the publish, so under
+        a burst of deaths no slot waits for a start that another one already finished.
+        """
+        herd = self.herd
+        vacant = sorted(i for i, w in herd.slots.items() if not w.alive)
+        if not vacant or not herd.running or not worker.alive:
+            return False
+        log.info("%s fills vacant slot %d", worker.label, vacant[0])
+        self._promote(worker, vacant[0])
+        return True
 
     # -- live replacement: broken, too big, too old ------------------------------------
 

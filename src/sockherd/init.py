@@ -60,9 +60,10 @@ NotifyAccess=main
 WorkingDirectory={workdir}
 ExecStart={exe} daemon
 ExecReload=/bin/kill -HUP $MAINPID
-# The daemon stops its own workers, staged, on SIGTERM; mixed sends SIGKILL to
-# whatever is left only after TimeoutStopSec. (Adoption of workers by a restarted
-# daemon is not in this release, so no worker may outlive the service.)
+# SIGTERM goes to the daemon alone, which drains its workers in stages; whatever is
+# left when the daemon exits (also after a crash) is SIGKILLed. Workers must not
+# outlive the service while no restarted daemon can adopt them; KillMode=process
+# comes with adoption.
 KillMode=mixed
 TimeoutStopSec=60
 Restart=on-failure

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -209,3 +210,33 @@ def test_restart_while_suspended_rolls_back_and_serves_the_held_requests(start_d
     status = daemon.status()
     assert not status["daemon"]["suspended"]
     assert status["workers"][0]["state"] == "online" and status["workers"][0]["pid"] != suspended_worker["pid"]
+
+
+def test_a_failed_reload_leaves_the_old_config_and_counts(start_daemon: DaemonFactory, tmp_path: Path) -> None:
+    settings: dict[str, Any] = {"command": tinyapp_command("--fail-if-env", "BREAK"), "workers": 1, "linger": 0.05}
+    daemon = start_daemon(settings)
+    pid = daemon.wait_ready(1)["workers"][0]["pid"]
+    new = {**settings, "tmp_dir": str(daemon.tmp_dir), "workers": 2, "environment": {"BREAK": "0,1"}}
+    write_config(daemon.config_path, new)
+    result = daemon.cli("reload")
+    assert result.returncode == 1 and "the running configuration stays" in result.stderr
+    status = daemon.status()
+    assert status["daemon"]["workers"] == 1 and [w["pid"] for w in status["workers"]] == [pid]
+    assert daemon.call("config")["environment"] == {}
+    assert daemon.cli("restart").returncode == 0, "the next restart deploys the old config"
+    assert len(daemon.status()["workers"]) == 1
+
+
+def test_a_failed_scale_up_on_reload_keeps_the_old_count(start_daemon: DaemonFactory, tmp_path: Path) -> None:
+    marker = tmp_path / "broken"
+    settings: dict[str, Any] = {"command": tinyapp_command("--fail-if-file", str(marker)), "workers": 1}
+    daemon = start_daemon(settings)
+    pid = daemon.wait_ready(1)["workers"][0]["pid"]
+    marker.touch()  # new workers cannot start from now on
+    write_config(daemon.config_path, {**settings, "tmp_dir": str(daemon.tmp_dir), "workers": 2})
+    result = daemon.cli("reload")
+    assert result.returncode == 1, result.stdout
+    assert "the running configuration stays" in result.stderr
+    assert daemon.call("config")["workers"] == 1
+    status = daemon.status()
+    assert status["daemon"]["workers"] == 1 and [w["pid"] for w in status["workers"]] == [pid]

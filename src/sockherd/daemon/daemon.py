@@ -262,13 +262,23 @@ class Daemon:
         new = load_config(self.config.path)
         herd = self.herd
         plan = plan_reload(self.config, new, workers=herd.target_workers, standby=herd.target_standby)
-        if plan.restart and herd.running:
-            # The new config becomes the running one only once its generation serves.
-            progress(f"{plan.describe()}: restarting the workers")
-            herd.target_workers, herd.target_standby = new.workers, new.standby
-            await herd.restart(new.max_start_attempts, progress, new, suspended=herd.suspended)
-        else:
+        # Nothing of the new config runs until the workers it needs are up: a failed
+        # restart or scale-up leaves the old config, counts and generation in charge.
+        old_config, old_counts = herd.config, (herd.target_workers, herd.target_standby)
+        try:
+            if plan.restart and herd.running:
+                progress(f"{plan.describe()}: restarting the workers")
+                herd.target_workers, herd.target_standby = new.workers, new.standby
+                await herd.restart(new.max_start_attempts, progress, new, suspended=herd.suspended)
             herd.config = new
+            if plan.workers is not None:
+                await self.set_workers(plan.workers, progress)
+            if plan.standby is not None:
+                await self.set_standby(plan.standby, progress)
+        except BaseException:
+            herd.config = old_config
+            herd.target_workers, herd.target_standby = old_counts
+            raise
         self.config = new
         if plan.timeouts:
             for worker in herd.workers.values():
@@ -281,10 +291,6 @@ class Daemon:
             herd.healer.config_changed()
         if plan.dev_server:
             await self._restart_dev_server(new.dev_server)
-        if plan.workers is not None:
-            await self.set_workers(plan.workers, progress)
-        if plan.standby is not None:
-            await self.set_standby(plan.standby, progress)
         return plan.describe()
 
     async def _restart_dev_server(self, port: int | None) -> None:

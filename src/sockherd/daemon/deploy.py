@@ -75,7 +75,7 @@ async def _deploy_atomic(herd: Herd, attempts: int, progress: Progress, *, suspe
     herd.current = gen
     progress(f"generation {gen.number} published; stopping {len(old)} old worker(s)")
     await herd.retire(old)
-    progress(f"generation {gen.number} is serving")
+    progress(f"generation {gen.number} is " + ("published, holding requests" if suspended else "serving"))
 
 
 async def _deploy_rolling(herd: Herd, attempts: int, progress: Progress, *, suspended: bool) -> None:
@@ -143,7 +143,7 @@ async def set_workers(herd: Herd, count: int, attempts: int, progress: Progress)
 
 
 async def set_standby(herd: Herd, count: int, attempts: int, progress: Progress) -> None:
-    herd.target_standby = count
+    before, herd.target_standby = herd.target_standby, count
     gen = herd.current
     if not herd.running or gen is None:
         return
@@ -151,7 +151,11 @@ async def set_standby(herd: Herd, count: int, attempts: int, progress: Progress)
     if count > len(standbys):
         missing: list[int | None] = [None] * (count - len(standbys))
         progress(f"starting {len(missing)} standby worker(s)")
-        await _start_together(herd, gen, missing, attempts, progress, suspended=True)
+        try:
+            await _start_together(herd, gen, missing, attempts, progress, suspended=True)
+        except BaseException:
+            herd.target_standby = before
+            raise
     elif count < len(standbys):
         extra = standbys[count:]
         progress(f"stopping {len(extra)} standby worker(s)")

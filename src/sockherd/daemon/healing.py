@@ -118,6 +118,11 @@ class Healer:
             return
         if index is None:
             log.warning("%s exited (%s)", worker.label, describe_exit(code))
+            short_lived = worker.online_at is None or time.time() - worker.online_at < BACKOFF_RESET_AFTER
+            if code != -signal.SIGKILL and short_lived:
+                self._standby_health.consecutive += 1  # a standby crash loop backs off too
+            else:
+                self._standby_health.consecutive = 0
             self.refill_standbys()
             return
         if herd.slots.get(index) is not worker:
@@ -149,6 +154,7 @@ class Healer:
         return ready[0] if ready else None
 
     def _promote(self, standby: Worker, index: int) -> None:
+        self._standby_health.consecutive = 0  # it came up and waited: the pool is healthy
         standby.restarts = self.restarts(index)
         standby.index = index
         if not self.herd.suspended:
@@ -205,7 +211,6 @@ class Healer:
             except StartError:
                 health.consecutive += 1
                 continue
-            health.consecutive = 0
             if herd.current is not gen:
                 await worker.stop()  # a deploy overtook us
             elif self._fill_vacancy(worker):
@@ -280,8 +285,8 @@ class Healer:
         max_age = self.herd.config.max_age
         if max_age is None or worker.id in self._age_timers:
             return
-        started = worker.online_at or time.time()
-        due = started + max_age * (1 + random.uniform(0, MAX_AGE_JITTER)) - time.time()
+        # Counted from the first publish: a standby's wait in the pool is not age.
+        due = max_age * (1 + random.uniform(0, MAX_AGE_JITTER))
         loop = asyncio.get_running_loop()
         self._age_timers[worker.id] = loop.call_later(
             max(0.0, due), self.replace_live, worker, f"older than max_age ({max_age:g}s)"

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ import pytest
 from sockherd import protocol
 from support.fake_daemon import FakeDaemon
 from support.http import build_request, read_response
+from support.lines import Worker
 
 TIMEOUT = 10.0
 QUIET = 0.3  # a request that got no byte in this long is taken to be held
@@ -68,35 +68,6 @@ print("ports", *(server.server_port for server in servers), flush=True)
 worker.report_online()
 sys.stdin.read()
 """
-
-
-@dataclass
-class Worker:
-    """A worker process; its stdout and stderr, merged, are collected line by line."""
-
-    proc: subprocess.Popen[str]
-    socket_path: str
-    lines: list[str] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    collector: threading.Thread | None = None
-
-    def collect(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-
-    def wait_line(self, text: str, count: int = 1) -> str:
-        """The ``count``-th line containing ``text``, once it has been written."""
-
-        def matches() -> list[str]:
-            return [line for line in self.lines if text in line]
-
-        with self.cond:
-            if not self.cond.wait_for(lambda: len(matches()) >= count, TIMEOUT):
-                raise AssertionError(f"worker never wrote {text!r}; its output:\n" + "\n".join(self.lines))
-            return matches()[count - 1]
 
 
 @pytest.fixture

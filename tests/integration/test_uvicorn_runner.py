@@ -15,37 +15,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from sockherd import protocol
 from support.fake_daemon import FakeDaemon
+from support.lines import Worker
 
 TIMEOUT = 10.0
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
-
-
-@dataclass
-class Worker:
-    proc: subprocess.Popen[str]
-    socket_path: str
-    lines: list[str] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    collector: threading.Thread | None = None
-
-    def collect(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-
-    def wait_line(self, text: str) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: any(text in line for line in self.lines), TIMEOUT):
-                raise AssertionError(f"worker never logged {text!r}; its log:\n" + "\n".join(self.lines))
 
 
 @pytest.fixture

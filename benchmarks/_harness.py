@@ -16,8 +16,10 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.daemon import RunningDaemon, running_daemon  # noqa: E402
 from support.nginx import Nginx  # noqa: E402
 
+# Access logs off: they would flow through the daemon's stdout into this process,
+# where reading them competes with the load generator for the GIL.
 APP = {
-    "command": [sys.executable, "-m", "sockherd.uvicorn", "asgi_app:app"],
+    "command": [sys.executable, "-m", "sockherd.uvicorn", "asgi_app:app", "--log-level", "warning"],
     "cwd": str(REPO / "tests" / "apps"),
 }
 

@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from sockherd import __version__, protocol
 from sockherd.config import ConfigError
 from sockherd.daemon.herd import Busy, DeployFailed
 from sockherd.daemon.ipc import Connection
+from sockherd.daemon.process import Worker
 from sockherd.protocol import Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -27,6 +32,8 @@ log = logging.getLogger("sockherd")
 Command = Callable[[Connection, Message], Awaitable[None]]
 Progress = Callable[[str], None]
 MAX_REASON = 1000
+EARLY_NOTIFY_LIMIT = 4096  # datagrams kept for pids not yet registered
+EARLY_NOTIFY_TTL = 60.0
 
 
 def log_progress(text: str) -> None:
@@ -37,6 +44,10 @@ class Control:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.herd = daemon.herd
+        # A worker can report READY=1 before the Popen that started it has returned to
+        # the loop (the exec runs in a thread): its datagram waits here for its pid.
+        self._early_notify: OrderedDict[int, tuple[float, dict[str, str]]] = OrderedDict()
+        self.herd.on_spawned = self._replay_early_notify
         self._commands: dict[str, Command] = {
             "status": self._status,
             "config": self._config,
@@ -93,7 +104,9 @@ class Control:
         worker = self.herd.workers.get(worker_id) if isinstance(worker_id, str) else None
         if worker is None:
             return f"hello: no worker with id {worker_id!r}"
-        if self.herd.worker_for_pid(conn.pid) is not worker:
+        if worker.pid is None and _our_child_with_id(conn.pid, worker.id):
+            pass  # spawned, its pid not registered yet: the kernel says it is our child with that id
+        elif self.herd.worker_for_pid(conn.pid) is not worker:
             return f"hello: pid {conn.pid} is not worker {worker.id} (pid {worker.pid}) or its child"
         conn.worker_id = worker.id
         # The worker process itself owns the link; a child that inherited its
@@ -125,8 +138,19 @@ class Control:
         """An sd_notify datagram, attributed to a worker by the kernel's credentials."""
         worker = self.herd.worker_for_pid(pid)
         if worker is None:
-            log.debug("notify from unknown pid %d: %s", pid, fields)
+            self._early_notify[pid] = (time.monotonic(), fields)
+            while len(self._early_notify) > EARLY_NOTIFY_LIMIT:
+                self._early_notify.popitem(last=False)
             return
+        self._apply_notify(worker, fields)
+
+    def _replay_early_notify(self, worker: Worker) -> None:
+        assert worker.pid is not None
+        early = self._early_notify.pop(worker.pid, None)
+        if early is not None and time.monotonic() - early[0] < EARLY_NOTIFY_TTL:
+            self._apply_notify(worker, early[1])
+
+    def _apply_notify(self, worker: Worker, fields: dict[str, str]) -> None:
         if "STATUS" in fields:
             worker.status_text = fields["STATUS"][:200]
         if fields.get("READY") == "1":
@@ -246,3 +270,12 @@ class Control:
         await self.herd.stop()
         conn.reply(msg.id, {"terminated": True})
         self.daemon.request_quit()
+
+
+def _our_child_with_id(pid: int, worker_id: str) -> bool:
+    """A direct child of this daemon whose environment names ``worker_id``."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.ppid() == os.getpid() and proc.environ().get("SOCKHERD_WORKER_ID") == worker_id
+    except psutil.Error:
+        return False

@@ -76,6 +76,8 @@ class Herd:
         self._operation: asyncio.Task[Any] | None = None
         self._operation_name = ""
         self.healer = Healer(self)
+        # Called once a worker's pid is known: what it said before that is replayed.
+        self.on_spawned: Callable[[Worker], None] | None = None
 
     # -- queries -----------------------------------------------------------------------
 
@@ -131,11 +133,16 @@ class Herd:
             generation=gen.number,
             reaper=self._reaper,
             on_exit=self.healer.on_exit,
+            on_spawned=self._spawned,
             restarts=self.healer.restarts(index),
             suspended=suspended or index is None,  # standbys always start suspended
         )
         self.workers[worker.id] = worker
         return worker
+
+    def _spawned(self, worker: Worker) -> None:
+        if self.on_spawned is not None:
+            self.on_spawned(worker)
 
     async def start_worker(
         self, gen: Generation, index: int | None, *, suspended: bool, attempts: int, progress: Progress

@@ -78,6 +78,7 @@ class Worker:
         generation: int,
         reaper: Reaper,
         on_exit: Callable[[Worker, int], None],
+        on_spawned: Callable[[Worker], None] | None = None,
         restarts: int = 0,
         suspended: bool = False,
     ) -> None:
@@ -94,6 +95,7 @@ class Worker:
         self._notify_path = config.notify_path
         self._reaper = reaper
         self._on_exit_callback = on_exit
+        self._on_spawned = on_spawned
         self.state = WorkerState.SPAWNING
         self.pid: int | None = None
         self._pidfd: int | None = None
@@ -202,6 +204,8 @@ class Worker:
             self._pidfd = os.pidfd_open(self.pid)
         self.state = WorkerState.RUNNING
         self._reaper.watch_child(self.pid, self._on_exit)
+        if self._on_spawned is not None:
+            self._on_spawned(self)
         log.info("%s spawned (generation %d): %s", self.label, self.generation, " ".join(argv))
 
     # -- readiness ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ from collections.abc import Callable
 log = logging.getLogger("sockherd")
 
 ExitCallback = Callable[[int], None]
-_UNCLAIMED_LIMIT = 256
+_UNCLAIMED_LIMIT = 4096  # a whole herd starting at once
 
 
 class Reaper:

@@ -10,11 +10,8 @@ QUIET seconds; then the fake daemon sends ``resume`` and the response must come.
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import pytest
 from sockherd import protocol
 from support.fake_daemon import FakeDaemon
 from support.http import build_request, read_response
-from support.lines import Worker
+from support.lines import Worker, start_worker_process, stop_worker_process, worker_env
 
 TIMEOUT = 10.0
 QUIET = 0.3  # a request that got no byte in this long is taken to be held
@@ -83,39 +80,14 @@ def start_worker(tmp_path: Path, daemon: FakeDaemon) -> Iterator[Callable[..., W
 
     def start(*argv: str, index: str = "0") -> Worker:
         socket_path = str(tmp_path / f"w{len(workers)}.sock")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKHERD_") and k != "NOTIFY_SOCKET"}
-        env |= {
-            "SOCKHERD_SOCKET": socket_path,
-            "SOCKHERD_WORKER_ID": "hello-1",
-            "SOCKHERD_INDEX": index,
-            "SOCKHERD_IPC": str(daemon.path),
-            "SOCKHERD_SUSPENDED": "1",
-        }
-        proc = subprocess.Popen(
-            [sys.executable, *argv],
-            cwd=EXAMPLE,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        worker = Worker(proc, socket_path)
-        worker.collector = threading.Thread(target=worker.collect, daemon=True)
-        worker.collector.start()
+        env = worker_env(str(daemon.path), socket_path, SOCKHERD_INDEX=index, SOCKHERD_SUSPENDED="1")
+        worker = start_worker_process([sys.executable, *argv], env, EXAMPLE, merge_output=True)
         workers.append(worker)
         return worker
 
     yield start
     for worker in workers:
-        if worker.proc.poll() is None:
-            worker.proc.kill()
-        worker.proc.wait()
-        assert worker.collector is not None
-        worker.collector.join(TIMEOUT)
-        for stream in (worker.proc.stdin, worker.proc.stdout):
-            assert stream is not None
-            stream.close()
+        stop_worker_process(worker)
 
 
 @pytest.fixture

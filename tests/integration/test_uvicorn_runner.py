@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from sockherd import protocol
 from support.fake_daemon import FakeDaemon
-from support.lines import Worker
+from support.lines import Worker, start_worker_process, stop_worker_process, worker_env
 
 TIMEOUT = 10.0
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
@@ -39,40 +38,14 @@ def start_worker(tmp_path: Path, daemon: FakeDaemon) -> Iterator[Callable[..., W
     workers: list[Worker] = []
 
     def start(*args: str, command: tuple[str, ...] = ("-m", "sockherd.uvicorn")) -> Worker:
-        socket_path = str(tmp_path / "w.sock")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKHERD_") and k != "NOTIFY_SOCKET"}
-        env |= {
-            "SOCKHERD_SOCKET": socket_path,
-            "SOCKHERD_WORKER_ID": "hello-1",
-            "SOCKHERD_INDEX": "0",
-            "SOCKHERD_IPC": str(daemon.path),
-            "SOCKHERD_SUSPENDED": "0",
-            "SOCKHERD_SOCKET_MODE": "660",
-            "SOCKHERD_BACKLOG": "64",
-        }
-        proc = subprocess.Popen(
-            [sys.executable, *command, "hello:app", *args],
-            cwd=EXAMPLE,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        worker = Worker(proc, socket_path)
-        worker.collector = threading.Thread(target=worker.collect, daemon=True)
-        worker.collector.start()
+        env = worker_env(str(daemon.path), str(tmp_path / "w.sock"), SOCKHERD_SOCKET_MODE="660", SOCKHERD_BACKLOG="64")
+        worker = start_worker_process([sys.executable, *command, "hello:app", *args], env, EXAMPLE, merge_output=False)
         workers.append(worker)
         return worker
 
     yield start
     for worker in workers:
-        if worker.proc.poll() is None:
-            worker.proc.kill()  # also ends a worker left stopped by SIGSTOP
-        worker.proc.wait()
-        assert worker.collector is not None and worker.proc.stderr is not None
-        worker.collector.join(TIMEOUT)
-        worker.proc.stderr.close()
+        stop_worker_process(worker)
 
 
 class HTTPConnection:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import signal
 import socket
@@ -42,7 +41,7 @@ from pathlib import Path
 from _harness import REPO, nginx, verdict
 from restarts import daemon, exit_on_sigterm
 
-from support.nginx import NGINX, free_port
+from support.nginx import Nginx, free_port
 
 TINY = REPO / "benchmarks" / "apps" / "tiny.py"
 APPS_DIR = REPO / "tests" / "apps"
@@ -123,52 +122,15 @@ def compare(title: str, names: tuple[str, str], a: list[Wrk], b: list[Wrk]) -> f
     return ratio
 
 
-# -- nginx with any upstream addresses (support.nginx.Nginx knows UNIX sockets only) --------------------
-
-
 @contextlib.contextmanager
 def nginx_upstreams(servers: list[str], *, keepalive: bool) -> Iterator[int]:
-    """nginx on a free port proxying to `servers` ("unix:/path" or "127.0.0.1:8001"), as support.nginx does."""
+    """nginx on a free port proxying to `servers` ("unix:/path" or "127.0.0.1:8001")."""
     with tempfile.TemporaryDirectory(prefix="sh-nginx-") as workdir:
-        port = free_port()
-        lines = "\n".join(f"        server {s} max_fails=0;" for s in servers)
-        conf = Path(workdir) / "nginx.conf"
-        conf.write_text(f"""
-{"user root;" if os.geteuid() == 0 else ""}
-worker_processes 1;
-daemon off;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
-    keepalive_requests 1000000;
-    upstream app {{
-{lines}
-        {"keepalive 32;" if keepalive else ""}
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_next_upstream error timeout;
-        }}
-    }}
-}}
-""")
-        proc = subprocess.Popen([NGINX, "-p", workdir, "-c", str(conf)])
+        server = Nginx(Path(workdir), servers, keepalive=keepalive)
         try:
-            wait_port(port, proc)
-            yield port
+            yield server.port
         finally:
-            stop(proc, signal.SIGQUIT)
+            server.stop()
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

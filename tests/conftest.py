@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from support.daemon import RunningDaemon, running_daemon
+from support.fake_daemon import FakeDaemon
 from support.nginx import Nginx
 
 DaemonFactory = Callable[..., RunningDaemon]
@@ -25,6 +26,14 @@ def start_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
             return stack.enter_context(running_daemon(tmp_path, settings, *args))
 
         yield start
+
+
+@pytest.fixture
+def fake_daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
+    """The daemon's end of the IPC protocol, for testing the worker library alone."""
+    fake = FakeDaemon(tmp_path / "ipc")
+    yield fake
+    fake.close()
 
 
 @pytest.fixture

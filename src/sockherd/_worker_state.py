@@ -252,24 +252,26 @@ def run_resume_hook(hook: Hook, loop: asyncio.AbstractEventLoop | None) -> None:
             return
         except RuntimeError:  # that loop is closed: run the hook here rather than never
             pass
-    try:
-        result = hook()
-    except Exception:
-        log.exception("sockherd: resume hook %s failed", hook_name(hook))
-        return
-    if inspect.isawaitable(result):
+    result = _call_hook(hook)
+    if result is not None:
         name = hook_name(hook)
         thread = threading.Thread(target=_run_detached, args=(result, name), name="sockherd-resume-hook", daemon=True)
         thread.start()
 
 
-def _start_on_loop(hook: Hook) -> None:
+def _call_hook(hook: Hook) -> Awaitable[Any] | None:
+    """Call a hook; a failure is logged, never raised. Returns what is left to await."""
     try:
         result = hook()
     except Exception:
         log.exception("sockherd: resume hook %s failed", hook_name(hook))
-        return
-    if inspect.isawaitable(result):
+        return None
+    return result if inspect.isawaitable(result) else None
+
+
+def _start_on_loop(hook: Hook) -> None:
+    result = _call_hook(hook)
+    if result is not None:
         task = asyncio.ensure_future(result)
         _hook_tasks.add(task)
         task.add_done_callback(lambda done: _hook_task_done(done, hook_name(hook)))

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from sockherd import worker
+from sockherd._hold import DEFAULT_RETRY_AFTER, UNAVAILABLE_BODY, check_hold
 
 __all__ = ["DEFAULT_RETRY_AFTER", "SuspendMiddleware"]
 
@@ -29,9 +30,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-DEFAULT_RETRY_AFTER = 5  # seconds, for the Retry-After of a request that waited too long
 HELD_SCOPES = frozenset({"http", "websocket"})
-UNAVAILABLE_BODY = b"503 Service Unavailable: this worker is suspended; retry shortly\n"
 WS_TRY_AGAIN_LATER = 1013  # RFC 6455 close code, for servers without the denial-response extension
 
 
@@ -49,10 +48,7 @@ class SuspendMiddleware:
     """
 
     def __init__(self, app: ASGIApp, *, timeout: float | None = None, retry_after: int = DEFAULT_RETRY_AFTER) -> None:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must not be negative, got {timeout!r}")
-        if retry_after < 0:
-            raise ValueError(f"retry_after must not be negative, got {retry_after!r}")
+        check_hold(timeout, retry_after)
         self.app = app
         self.timeout = timeout
         self.retry_after = retry_after

@@ -20,11 +20,9 @@ from collections.abc import Iterable
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from sockherd import worker
+from sockherd._hold import DEFAULT_RETRY_AFTER, UNAVAILABLE_BODY, check_hold
 
 __all__ = ["DEFAULT_RETRY_AFTER", "SuspendMiddleware"]
-
-DEFAULT_RETRY_AFTER = 5  # seconds, for the Retry-After of a request that waited too long
-UNAVAILABLE_BODY = b"503 Service Unavailable: this worker is suspended; retry shortly\n"
 
 
 class SuspendMiddleware:
@@ -42,10 +40,7 @@ class SuspendMiddleware:
     def __init__(
         self, app: WSGIApplication, *, timeout: float | None = None, retry_after: int = DEFAULT_RETRY_AFTER
     ) -> None:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must not be negative, got {timeout!r}")
-        if retry_after < 0:
-            raise ValueError(f"retry_after must not be negative, got {retry_after!r}")
+        check_hold(timeout, retry_after)
         self.app = app
         self.timeout = timeout
         self.retry_after = retry_after

@@ -68,19 +68,12 @@ sys.stdin.read()
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    fake = FakeDaemon(tmp_path / "ipc")
-    yield fake
-    fake.close()
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path, daemon: FakeDaemon) -> Iterator[Callable[..., Worker]]:
+def start_worker(tmp_path: Path, fake_daemon: FakeDaemon) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
     def start(*argv: str, index: str = "0") -> Worker:
         socket_path = str(tmp_path / f"w{len(workers)}.sock")
-        env = worker_env(str(daemon.path), socket_path, SOCKHERD_INDEX=index, SOCKHERD_SUSPENDED="1")
+        env = worker_env(str(fake_daemon.path), socket_path, SOCKHERD_INDEX=index, SOCKHERD_SUSPENDED="1")
         worker = start_worker_process([sys.executable, *argv], env, EXAMPLE, merge_output=True)
         workers.append(worker)
         return worker
@@ -123,11 +116,11 @@ def uvicorn_worker(start_worker: Callable[..., Worker], *args: str, index: str =
 
 def test_uvicorn_holds_requests_until_resumed(
     start_worker: Callable[..., Worker],
-    daemon: FakeDaemon,
+    fake_daemon: FakeDaemon,
     connect: Callable[[str | tuple[str, int]], socket.socket],
 ) -> None:
     worker = uvicorn_worker(start_worker)
-    daemon.wait_message("online")  # lifespan startup ran while suspended
+    fake_daemon.wait_message("online")  # lifespan startup ran while suspended
     held = [connect(worker.socket_path) for _ in range(2)]
     held[0].sendall(build_request("GET", "/"))
     held[1].sendall(build_request("POST", "/echo", b"held body"))
@@ -135,7 +128,7 @@ def test_uvicorn_holds_requests_until_resumed(
     for sock in held:
         assert_held(sock)
 
-    daemon.resume()
+    fake_daemon.resume()
     response = read_response(held[0])
     assert (response.status, response.pid) == (200, worker.proc.pid)
     assert response.body.startswith(b"hello from worker hello-1 (index 0,")
@@ -148,16 +141,16 @@ def test_uvicorn_holds_requests_until_resumed(
 
 def test_a_standby_serves_as_the_slot_it_is_promoted_into(
     start_worker: Callable[..., Worker],
-    daemon: FakeDaemon,
+    fake_daemon: FakeDaemon,
     connect: Callable[[str | tuple[str, int]], socket.socket],
 ) -> None:
     worker = uvicorn_worker(start_worker, index="standby")
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     sock = connect(worker.socket_path)
     sock.sendall(build_request("GET", "/"))
     worker.wait_line(HTTP_APP_CALLED)
     assert_held(sock)
-    daemon.resume({"index": 4})
+    fake_daemon.resume({"index": 4})
     response = read_response(sock)
     assert response.status == 200
     assert response.body.startswith(b"hello from worker hello-1 (index 4,")
@@ -165,18 +158,18 @@ def test_a_standby_serves_as_the_slot_it_is_promoted_into(
 
 def test_shutdown_while_suspended_serves_the_held_requests(
     start_worker: Callable[..., Worker],
-    daemon: FakeDaemon,
+    fake_daemon: FakeDaemon,
     connect: Callable[[str | tuple[str, int]], socket.socket],
 ) -> None:
     """A rollback retires a generation that was never resumed: what it holds is still served."""
     worker = uvicorn_worker(start_worker)
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     sock = connect(worker.socket_path)
     sock.sendall(build_request("GET", "/pid"))
     worker.wait_line(HTTP_APP_CALLED)
     assert_held(sock)
 
-    daemon.send(protocol.message("shutdown"))
+    fake_daemon.send(protocol.message("shutdown"))
     response = read_response(sock)
     assert (response.status, response.headers.get("connection"), response.body) == (
         200,
@@ -190,7 +183,7 @@ def test_shutdown_while_suspended_serves_the_held_requests(
 
 def test_uvicorn_answers_503_when_held_too_long(
     start_worker: Callable[..., Worker],
-    daemon: FakeDaemon,
+    fake_daemon: FakeDaemon,
     connect: Callable[[str | tuple[str, int]], socket.socket],
 ) -> None:
     serve = (
@@ -199,14 +192,14 @@ def test_uvicorn_answers_503_when_held_too_long(
         "sockherd.uvicorn.run(SuspendMiddleware(hello.hello_app, timeout=0.05, retry_after=3))\n"
     )
     worker = start_worker("-c", serve)
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     sock = connect(worker.socket_path)
     sock.sendall(build_request("GET", "/pid"))
     response = read_response(sock)
     assert (response.status, response.headers["retry-after"]) == (503, "3")
     assert response.body == b"503 Service Unavailable: this worker is suspended; retry shortly\n"
 
-    daemon.resume()
+    fake_daemon.resume()
     sock = connect(worker.socket_path)  # the 503 may have ended the first connection
     sock.sendall(build_request("GET", "/pid"))
     assert read_response(sock).status == 200
@@ -214,12 +207,12 @@ def test_uvicorn_answers_503_when_held_too_long(
 
 def test_wsgi_holds_requests_until_resumed(
     start_worker: Callable[..., Worker],
-    daemon: FakeDaemon,
+    fake_daemon: FakeDaemon,
     connect: Callable[[str | tuple[str, int]], socket.socket],
 ) -> None:
     worker = start_worker("-c", WSGI_WORKER)
     held_port, impatient_port = map(int, worker.wait_line("ports").split()[1:])
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
 
     held = connect(("127.0.0.1", held_port))
     held.sendall(build_request("GET", "/"))
@@ -232,7 +225,7 @@ def test_wsgi_holds_requests_until_resumed(
     assert (response.status, response.headers["retry-after"]) == (503, "2")
     assert response.body == b"503 Service Unavailable: this worker is suspended; retry shortly\n"
 
-    daemon.resume()
+    fake_daemon.resume()
     response = read_response(held)
     assert (response.status, response.body) == (200, b"hello from index 0\n")
     impatient = connect(("127.0.0.1", impatient_port))

@@ -27,18 +27,13 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hello"
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    fake = FakeDaemon(tmp_path / "ipc")
-    yield fake
-    fake.close()
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path, daemon: FakeDaemon) -> Iterator[Callable[..., Worker]]:
+def start_worker(tmp_path: Path, fake_daemon: FakeDaemon) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
     def start(*args: str, command: tuple[str, ...] = ("-m", "sockherd.uvicorn")) -> Worker:
-        env = worker_env(str(daemon.path), str(tmp_path / "w.sock"), SOCKHERD_SOCKET_MODE="660", SOCKHERD_BACKLOG="64")
+        env = worker_env(
+            str(fake_daemon.path), str(tmp_path / "w.sock"), SOCKHERD_SOCKET_MODE="660", SOCKHERD_BACKLOG="64"
+        )
         worker = start_worker_process([sys.executable, *command, "hello:app", *args], env, EXAMPLE, merge_output=False)
         workers.append(worker)
         return worker
@@ -98,12 +93,12 @@ def connect() -> Iterator[Callable[[str], HTTPConnection]]:
 
 
 def test_serves_the_example_and_reports_online(
-    start_worker: Callable[..., Worker], daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
+    start_worker: Callable[..., Worker], fake_daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
 ) -> None:
     worker = start_worker()
-    hello = daemon.wait_message("hello")
+    hello = fake_daemon.wait_message("hello")
     assert hello.data["pid"] == worker.proc.pid
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     assert os.stat(worker.socket_path).st_mode & 0o777 == 0o660
 
     conn = connect(worker.socket_path)
@@ -137,10 +132,10 @@ def test_serves_the_example_and_reports_online(
 
 
 def test_shutdown_drains_without_losing_a_request(
-    start_worker: Callable[..., Worker], daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
+    start_worker: Callable[..., Worker], fake_daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
 ) -> None:
     worker = start_worker()
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     pid = worker.proc.pid
 
     idle = connect(worker.socket_path)  # a keep-alive connection from nginx's pool, now idle
@@ -153,7 +148,7 @@ def test_shutdown_drains_without_losing_a_request(
     # Freeze the worker so that the next connection is still in its listen backlog
     # when it acts on the shutdown: nginx connected just before the symlink moved.
     os.kill(pid, signal.SIGSTOP)
-    daemon.send(protocol.message("shutdown"))
+    fake_daemon.send(protocol.message("shutdown"))
     queued = connect(worker.socket_path)
     queued.send("GET", "/")
     os.kill(pid, signal.SIGCONT)
@@ -178,7 +173,7 @@ def test_shutdown_drains_without_losing_a_request(
 
 
 def test_keeps_accepting_until_the_backlog_is_quiet(
-    start_worker: Callable[..., Worker], daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
+    start_worker: Callable[..., Worker], fake_daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
 ) -> None:
     """A connection that lands in the backlog after the drain began is still served.
 
@@ -187,8 +182,8 @@ def test_keeps_accepting_until_the_backlog_is_quiet(
     """
     patched = "import sockherd.uvicorn as m; m.BACKLOG_QUIET = 1.0; m.main()"
     worker = start_worker(command=("-c", patched))
-    daemon.wait_message("online")
-    daemon.send(protocol.message("shutdown"))
+    fake_daemon.wait_message("online")
+    fake_daemon.send(protocol.message("shutdown"))
     worker.wait_line("Shutting down: draining connections")
 
     os.kill(worker.proc.pid, signal.SIGSTOP)  # the connection waits in the backlog, unaccepted

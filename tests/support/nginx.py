@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -22,13 +23,16 @@ def free_port() -> int:
 
 
 class Nginx:
-    def __init__(self, workdir: Path, sockets: list[Path], *, keepalive: bool, max_fails: int = 0) -> None:
+    def __init__(self, workdir: Path, sockets: Sequence[Path | str], *, keepalive: bool, max_fails: int = 0) -> None:
+        """``sockets``: UNIX socket paths, or any nginx upstream address as a string
+        (``"127.0.0.1:8001"``, ``"unix:/run/x.sock"``)."""
         if not os.path.exists(NGINX):
             raise RuntimeError("nginx is not installed: run `bash .ci/run` or `apt-get install nginx-light`")
         self.workdir = workdir
         self.port = free_port()
         self.error_log = workdir / "error.log"
-        servers = "\n".join(f"        server unix:{path} max_fails={max_fails};" for path in sockets)
+        addresses = [f"unix:{s}" if isinstance(s, Path) else s for s in sockets]
+        servers = "\n".join(f"        server {address} max_fails={max_fails};" for address in addresses)
         user = "user root;" if os.geteuid() == 0 else ""
         conf = f"""
 {user}

@@ -21,7 +21,6 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 import pytest
@@ -82,13 +81,6 @@ class Script:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
-    fake = FakeDaemon(tmp_path / "ipc")
-    yield fake
-    fake.close()
-
-
-@pytest.fixture
 def run() -> Iterator[Callable[..., Script]]:
     scripts: list[Script] = []
 
@@ -121,11 +113,11 @@ def run() -> Iterator[Callable[..., Script]]:
                 stream.close()
 
 
-def suspended_env(daemon: FakeDaemon, index: str = "0", suspended: str = "1") -> dict[str, str]:
+def suspended_env(fake_daemon: FakeDaemon, index: str = "0", suspended: str = "1") -> dict[str, str]:
     return {
         "SOCKHERD_WORKER_ID": "w-1",
         "SOCKHERD_INDEX": index,
-        "SOCKHERD_IPC": str(daemon.path),
+        "SOCKHERD_IPC": str(fake_daemon.path),
         "SOCKHERD_SUSPENDED": suspended,
     }
 
@@ -148,7 +140,9 @@ def test_resume_index(data: object, expected: tuple[int | None, str | None]) -> 
     assert resume_index(data) == expected
 
 
-def test_resumed_waits_for_the_daemon_in_every_thread_and_loop(run: Callable[..., Script], daemon: FakeDaemon) -> None:
+def test_resumed_waits_for_the_daemon_in_every_thread_and_loop(
+    run: Callable[..., Script], fake_daemon: FakeDaemon
+) -> None:
     script = run(
         """
         import asyncio, threading
@@ -188,16 +182,16 @@ def test_resumed_waits_for_the_daemon_in_every_thread_and_loop(run: Callable[...
         for thread in threads:
             thread.join()
         """,
-        **suspended_env(daemon),
+        **suspended_env(fake_daemon),
     )
     assert script.line() == "suspended True 0 <sockherd.worker.resumed: pending>"
     assert script.line() == "timeouts False False"
     assert script.line() == "wait_for timed out"
     assert script.take(3) == {"main loop waiting", "thread waiting", "other loop waiting"}
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     script.assert_silent()
 
-    daemon.resume()
+    fake_daemon.resume()
     assert script.take(4) == {
         "main loop resumed False",
         "thread resumed True",
@@ -207,7 +201,7 @@ def test_resumed_waits_for_the_daemon_in_every_thread_and_loop(run: Callable[...
     script.finish()
 
 
-def test_a_standby_learns_its_index(run: Callable[..., Script], daemon: FakeDaemon) -> None:
+def test_a_standby_learns_its_index(run: Callable[..., Script], fake_daemon: FakeDaemon) -> None:
     script = run(
         """
         import sys
@@ -219,42 +213,42 @@ def test_a_standby_learns_its_index(run: Callable[..., Script], daemon: FakeDaem
         for line in sys.stdin:
             say(worker.index, worker.suspended)
         """,
-        **suspended_env(daemon, index="standby"),
+        **suspended_env(fake_daemon, index="standby"),
     )
     assert script.line() == "None True"
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     script.assert_silent()
-    daemon.resume({"index": 3})  # promoted into slot 3
+    fake_daemon.resume({"index": 3})  # promoted into slot 3
     assert script.line() == "3 False"
 
-    daemon.resume({"index": 5}, id=9)  # moved again: harmless, the index follows
-    assert daemon.wait_reply(9).errors == ()
+    fake_daemon.resume({"index": 5}, id=9)  # moved again: harmless, the index follows
+    assert fake_daemon.wait_reply(9).errors == ()
     script.go_on()
     assert script.line() == "5 False"
 
-    daemon.resume({"index": "six"}, id=10)  # malformed: reported, the index stays
-    assert daemon.wait_reply(10).errors == ("resume index must be a non-negative integer, got 'six'",)
-    daemon.resume([], id=11)
-    assert daemon.wait_reply(11).errors == ("resume data must be an object, got list",)
+    fake_daemon.resume({"index": "six"}, id=10)  # malformed: reported, the index stays
+    assert fake_daemon.wait_reply(10).errors == ("resume index must be a non-negative integer, got 'six'",)
+    fake_daemon.resume([], id=11)
+    assert fake_daemon.wait_reply(11).errors == ("resume data must be an object, got list",)
     script.go_on()
     assert script.line() == "5 False"
     err = script.finish()
     assert "resume index must be a non-negative integer, got 'six'; resuming without it" in err
 
 
-def test_a_malformed_resume_still_resumes(run: Callable[..., Script], daemon: FakeDaemon) -> None:
+def test_a_malformed_resume_still_resumes(run: Callable[..., Script], fake_daemon: FakeDaemon) -> None:
     """Holding every request because of a bad index would be the worse failure."""
     script = run(
         "from sockherd import worker\nworker.report_online()\nprint(worker.wait_resumed(), worker.index)",
-        **suspended_env(daemon, index="standby"),
+        **suspended_env(fake_daemon, index="standby"),
     )
-    daemon.wait_message("online")
-    daemon.resume({"index": -1})
+    fake_daemon.wait_message("online")
+    fake_daemon.resume({"index": -1})
     assert script.line() == "True None"
     script.finish()
 
 
-def test_resume_to_a_running_worker_is_harmless(run: Callable[..., Script], daemon: FakeDaemon) -> None:
+def test_resume_to_a_running_worker_is_harmless(run: Callable[..., Script], fake_daemon: FakeDaemon) -> None:
     script = run(
         """
         import sys
@@ -265,20 +259,20 @@ def test_resume_to_a_running_worker_is_harmless(run: Callable[..., Script], daem
         sys.stdin.readline()
         say(worker.index, worker.suspended)
         """,
-        **suspended_env(daemon, suspended="0"),
+        **suspended_env(fake_daemon, suspended="0"),
     )
     assert script.line() == "hook ran at once"
     assert script.line() == "0 False"
-    daemon.wait_message("online")
-    daemon.resume({"index": 2}, id=4)
-    daemon.resume(None, id=5)  # no data: a plain resume, the index stays
-    daemon.wait_reply(5)
+    fake_daemon.wait_message("online")
+    fake_daemon.resume({"index": 2}, id=4)
+    fake_daemon.resume(None, id=5)  # no data: a plain resume, the index stays
+    fake_daemon.wait_reply(5)
     script.go_on()
     assert script.line() == "2 False"
     script.finish()  # and the hook did not run again
 
 
-def test_on_resume_hooks_run_once_each_where_they_belong(run: Callable[..., Script], daemon: FakeDaemon) -> None:
+def test_on_resume_hooks_run_once_each_where_they_belong(run: Callable[..., Script], fake_daemon: FakeDaemon) -> None:
     script = run(
         """
         import asyncio, sys, threading
@@ -317,19 +311,19 @@ def test_on_resume_hooks_run_once_each_where_they_belong(run: Callable[..., Scri
         for line in sys.stdin:
             worker.on_resume(lambda: say("late hook ran at once"))
         """,
-        **suspended_env(daemon),
+        **suspended_env(fake_daemon),
     )
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     script.assert_silent()
-    daemon.resume()
+    fake_daemon.resume()
     assert script.take(4) == {
         "plain hook on sockherd-ipc",
         "async hook on sockherd-resume-hook",
         "loop hook on MainThread True",
         "sync loop hook on MainThread",
     }
-    daemon.resume(id=2)  # again: no hook runs twice
-    daemon.wait_reply(2)
+    fake_daemon.resume(id=2)  # again: no hook runs twice
+    fake_daemon.wait_reply(2)
     script.go_on()
     assert script.line() == "late hook ran at once"
     err = script.finish()
@@ -382,7 +376,7 @@ def test_standalone_is_never_suspended(run: Callable[..., Script], env: dict[str
         assert err == ""
 
 
-def test_shutdown_while_suspended_resumes_first(run: Callable[..., Script], daemon: FakeDaemon) -> None:
+def test_shutdown_while_suspended_resumes_first(run: Callable[..., Script], fake_daemon: FakeDaemon) -> None:
     script = run(
         """
         import threading
@@ -403,11 +397,11 @@ def test_shutdown_while_suspended_resumes_first(run: Callable[..., Script], daem
         say("held work released:", worker.wait_resumed())
         assert handled.wait(10)
         """,
-        **suspended_env(daemon),
+        **suspended_env(fake_daemon),
     )
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     script.assert_silent()
-    daemon.send(protocol.message("shutdown"))
+    fake_daemon.send(protocol.message("shutdown"))
     lines = [script.line() for _ in range(3)]
     ipc_thread = [line for line in lines if not line.startswith("held")]
     assert ipc_thread == ["resume hook; suspended: False", "shutdown handler; suspended: False"]
@@ -415,7 +409,7 @@ def test_shutdown_while_suspended_resumes_first(run: Callable[..., Script], daem
     script.finish()
 
 
-def test_a_reconnect_changes_nothing(run: Callable[..., Script], daemon: FakeDaemon) -> None:
+def test_a_reconnect_changes_nothing(run: Callable[..., Script], fake_daemon: FakeDaemon) -> None:
     script = run(
         """
         import sys
@@ -425,15 +419,15 @@ def test_a_reconnect_changes_nothing(run: Callable[..., Script], daemon: FakeDae
         say("suspended", worker.suspended)
         say("resumed", worker.wait_resumed())
         """,
-        **suspended_env(daemon),
+        **suspended_env(fake_daemon),
     )
-    daemon.wait_message("online", conn=1)
-    daemon.drop()
-    daemon.wait_message("online", conn=2)
+    fake_daemon.wait_message("online", conn=1)
+    fake_daemon.drop()
+    fake_daemon.wait_message("online", conn=2)
     script.go_on()
     assert script.line() == "suspended True"
     script.assert_silent()
-    daemon.resume()  # on the new connection: the daemon re-sends resume when it is due
+    fake_daemon.resume()  # on the new connection: the daemon re-sends resume when it is due
     assert script.line() == "resumed True"
     script.finish()
 
@@ -485,8 +479,8 @@ ASGI = """
 """
 
 
-def test_asgi_middleware_holds_until_resumed(run: Callable[..., Script], daemon: FakeDaemon) -> None:
-    script = run(ASGI, **suspended_env(daemon))
+def test_asgi_middleware_holds_until_resumed(run: Callable[..., Script], fake_daemon: FakeDaemon) -> None:
+    script = run(ASGI, **suspended_env(fake_daemon))
     assert json.loads(script.line()) == ["lifespan"]
     headers = {
         "content-type": "text/plain; charset=utf-8",
@@ -503,9 +497,9 @@ def test_asgi_middleware_holds_until_resumed(run: Callable[..., Script], daemon:
         {"type": "websocket.http.response.body", "body": body},
     ]
     assert json.loads(script.line()) == [{"type": "websocket.close", "code": 1013}]
-    daemon.wait_message("online")
+    fake_daemon.wait_message("online")
     script.assert_silent()
-    daemon.resume()
+    fake_daemon.resume()
     assert json.loads(script.line()) == ["lifespan", "http", "websocket"]
     script.finish()
 

@@ -12,8 +12,8 @@ import asyncio
 import logging
 
 from sockherd.daemon.environment import output_tail
-from sockherd.daemon.herd import DeployFailed, Generation, Herd, Progress
-from sockherd.daemon.process import StartError, Worker
+from sockherd.daemon.herd import DeployFailed, Herd, Progress
+from sockherd.daemon.process import Generation, StartError, Worker
 
 log = logging.getLogger("sockherd")
 

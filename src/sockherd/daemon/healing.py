@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sockherd.daemon.process import StartError, Worker, describe_exit
+from sockherd.daemon.process import Generation, StartError, Worker, describe_exit
 
 if TYPE_CHECKING:
     from sockherd.daemon.herd import Herd
@@ -163,8 +163,6 @@ class Healer:
 
     async def _respawn(self, index: int, dead: Worker) -> None:
         """Respawn a crashed slot with the dead worker's own spec, backing off on loops."""
-        from sockherd.daemon.herd import Generation
-
         herd, health = self.herd, self.health[index]
         try:
             while herd.slots.get(index) is dead and herd.running:
@@ -252,8 +250,6 @@ class Healer:
         task.add_done_callback(lambda _: self._live_replacements.pop(worker.id, None))
 
     async def _replace_live(self, worker: Worker, why: str) -> None:
-        from sockherd.daemon.herd import Generation
-
         herd = self.herd
         async with self._one_at_a_time:
             attempt = 0

@@ -20,13 +20,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
-from sockherd.config import Config, Timeouts, WorkerSpec
-from sockherd.daemon.process import StartError, Worker, WorkerState
+from sockherd.config import Config
+from sockherd.daemon.healing import Healer
+from sockherd.daemon.process import Generation, StartError, Worker, WorkerState
 from sockherd.daemon.publish import publish_symlink, unpublish_symlink
 from sockherd.daemon.reaper import Reaper
 
@@ -46,22 +46,8 @@ class Busy(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Generation:
-    number: int
-    spec: WorkerSpec
-    timeouts: Timeouts
-
-    @classmethod
-    def of(cls, worker: Worker) -> Generation:
-        """The generation a worker belongs to (its successor must run the same spec)."""
-        return cls(worker.generation, worker.spec, worker.timeouts)
-
-
 class Herd:
     def __init__(self, config: Config, reaper: Reaper) -> None:
-        from sockherd.daemon.healing import Healer
-
         self.config = config
         self._reaper = reaper
         self.workers: dict[str, Worker] = {}  # every live worker, any generation

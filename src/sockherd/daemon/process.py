@@ -19,6 +19,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psutil
@@ -416,3 +417,17 @@ def _kill_late_spawn(future: asyncio.Future[subprocess.Popen[bytes]]) -> None:
     proc.returncode = 0  # reaped by the Reaper, like every child
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One version of the worker spec; a deploy starts the next one beside the current."""
+
+    number: int
+    spec: WorkerSpec
+    timeouts: Timeouts
+
+    @classmethod
+    def of(cls, worker: Worker) -> Generation:
+        """The generation a worker belongs to (its successor must run the same spec)."""
+        return cls(worker.generation, worker.spec, worker.timeouts)

@@ -155,7 +155,16 @@ def _progress(text: str) -> None:
 
 
 def _run_client_command(args: argparse.Namespace) -> int:
-    with Client(_ipc_path(args)) as client:
+    ipc = _ipc_path(args)
+    if args.command == "status":
+        try:
+            client = Client(ipc)
+            client.connect()
+        except DaemonUnreachable as exc:
+            return _status_of_a_dead_daemon(ipc, exc, as_json=args.json)
+    else:
+        client = Client(ipc)
+    with client:
         if args.command == "status":
             status = client.call("status")
             print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -173,6 +182,39 @@ def _run_client_command(args: argparse.Namespace) -> int:
         result = client.call(args.command, data or None, on_progress=_progress)
         print(_summary(args.command, result))
         return 0
+
+
+def _status_of_a_dead_daemon(ipc: Path, unreachable: DaemonUnreachable, *, as_json: bool) -> int:
+    """No daemon answers: say what its state file shows still running (start times verified)."""
+    from sockherd.daemon.state_file import daemon_alive, live_workers, read_state
+
+    state = read_state(ipc.with_name(ipc.name + ".state.json"))
+    if state is None:
+        raise unreachable
+    recorded = state.get("daemon")
+    daemon: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    alive = daemon_alive(state)
+    workers = live_workers(state)
+    if as_json:
+        report = {
+            "daemon": {**daemon, "state": "not answering" if alive else "dead"},
+            "workers": [
+                {k: w.get(k) for k in ("id", "pid", "index", "state", "generation", "socket")} for w in workers
+            ],
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        pid = daemon.get("pid")
+        why = f"pid {pid} is alive but does not answer on {ipc}" if alive else f"pid {pid} is gone"
+        print(f"sockherd: daemon not running ({why})", file=sys.stderr)
+        if workers:
+            print(f"{len(workers)} worker(s) it started are still running:")
+            for w in workers:
+                index = "standby" if w.get("index") is None else w.get("index")
+                print(f"  {w.get('id')}  pid {w.get('pid')}  index {index}  generation {w.get('generation')}")
+        else:
+            print("none of the workers it started is still running")
+    return EXIT_UNREACHABLE
 
 
 def _summary(command: str, result: Any) -> str:

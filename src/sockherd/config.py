@@ -119,6 +119,11 @@ class Config:
         return self.tmp_dir / self.ipc_file
 
     @property
+    def state_path(self) -> Path:
+        """The herd, persisted after every change (see daemon/state_file.py)."""
+        return self.tmp_dir / (self.ipc_file + ".state.json")
+
+    @property
     def notify_path(self) -> Path:
         return self.tmp_dir / (self.ipc_file + ".notify")
 

@@ -80,7 +80,8 @@ def test_restarts_under_load_fail_no_request(
 ) -> None:
     daemon = start_daemon({**EXAMPLE_APP, "workers": 2})
     daemon.wait_ready(2, timeout=30)
-    nginx = start_nginx(symlinks(daemon, 2), keepalive=False)
+    nginx = start_nginx(symlinks(daemon, 2), keepalive=keepalive)
+    assert ("keepalive 32;" in nginx.conf.read_text()) is keepalive
     result = restart_under_load(daemon, nginx)
     assert_clean(result, nginx)
 

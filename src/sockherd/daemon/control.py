@@ -19,9 +19,11 @@ import psutil
 
 from sockherd import __version__, protocol
 from sockherd.config import ConfigError
-from sockherd.daemon.herd import Busy, DeployFailed
+from sockherd.daemon.coordinator import Busy, ShuttingDown
+from sockherd.daemon.herd import DeployFailed
 from sockherd.daemon.ipc import Connection
 from sockherd.daemon.process import Worker
+from sockherd.daemon.reaper import process_start_time
 from sockherd.protocol import Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -46,7 +48,8 @@ class Control:
         self.herd = daemon.herd
         # A worker can report READY=1 before the Popen that started it has returned to
         # the loop (the exec runs in a thread): its datagram waits here for its pid.
-        self._early_notify: OrderedDict[int, tuple[float, dict[str, str]]] = OrderedDict()
+        # Keyed by pid and start time, so a reused pid never inherits another's report.
+        self._early_notify: OrderedDict[tuple[int, int | None], tuple[float, dict[str, str]]] = OrderedDict()
         self.herd.on_spawned = self._replay_early_notify
         self._commands: dict[str, Command] = {
             "status": self._status,
@@ -138,7 +141,7 @@ class Control:
         """An sd_notify datagram, attributed to a worker by the kernel's credentials."""
         worker = self.herd.worker_for_pid(pid)
         if worker is None:
-            self._early_notify[pid] = (time.monotonic(), fields)
+            self._early_notify[(pid, process_start_time(pid))] = (time.monotonic(), fields)
             while len(self._early_notify) > EARLY_NOTIFY_LIMIT:
                 self._early_notify.popitem(last=False)
             return
@@ -146,7 +149,7 @@ class Control:
 
     def _replay_early_notify(self, worker: Worker) -> None:
         assert worker.pid is not None
-        early = self._early_notify.pop(worker.pid, None)
+        early = self._early_notify.pop((worker.pid, worker.start_time), None)
         if early is not None and time.monotonic() - early[0] < EARLY_NOTIFY_TTL:
             self._apply_notify(worker, early[1])
 
@@ -203,7 +206,7 @@ class Control:
         suspended = isinstance(msg.data, dict) and msg.data.get("suspended") is True
         try:
             result = await run(attempts, self._streaming(conn, request_id), suspended=suspended)
-        except Busy as exc:
+        except (Busy, ShuttingDown) as exc:
             conn.reply(request_id, errors=[str(exc)])
         except DeployFailed as exc:
             conn.reply(request_id, {"output": exc.output}, errors=[exc.reason])
@@ -216,38 +219,45 @@ class Control:
             conn.reply(request_id, {"result": result, "status": self.daemon.status()})
 
     async def _start(self, conn: Connection, msg: Message) -> None:
-        await self._deploy(conn, msg, self.herd.start)
+        await self._deploy(conn, msg, self.daemon.ops.start)
 
     async def _restart(self, conn: Connection, msg: Message) -> None:
-        await self._deploy(conn, msg, self.herd.restart)
+        await self._deploy(conn, msg, self.daemon.ops.restart)
 
     async def _resume(self, conn: Connection, msg: Message) -> None:
         assert msg.id is not None
-        conn.reply(msg.id, {"resumed": self.herd.resume()})
+        try:
+            resumed = await self.daemon.ops.resume()
+        except (Busy, ShuttingDown) as exc:
+            conn.reply(msg.id, errors=[str(exc)])
+        else:
+            conn.reply(msg.id, {"resumed": resumed})
 
-    async def _scale(self, conn: Connection, msg: Message, apply: Callable[[int, Progress], Awaitable[None]]) -> None:
+    async def _scale(
+        self, conn: Connection, msg: Message, apply: Callable[[int, int, Progress], Awaitable[None]]
+    ) -> None:
         request_id = msg.id
         assert request_id is not None
         count = self._int_field(conn, msg, "count", None, (1 if msg.type == "set-workers" else 0, 4096))
         if count is None:
             return
         try:
-            await apply(count, self._streaming(conn, request_id))
-        except (Busy, DeployFailed) as exc:
+            await apply(count, self.daemon.config.max_start_attempts, self._streaming(conn, request_id))
+        except (Busy, ShuttingDown, DeployFailed) as exc:
             conn.reply(request_id, errors=[str(exc)])
         else:
             conn.reply(request_id, {"result": count, "status": self.daemon.status()})
 
     async def _set_workers(self, conn: Connection, msg: Message) -> None:
-        await self._scale(conn, msg, self.daemon.set_workers)
+        await self._scale(conn, msg, self.daemon.ops.set_workers)
 
     async def _set_standby(self, conn: Connection, msg: Message) -> None:
-        await self._scale(conn, msg, self.daemon.set_standby)
+        await self._scale(conn, msg, self.daemon.ops.set_standby)
 
     async def _stop(self, conn: Connection, msg: Message) -> None:
         assert msg.id is not None
         count = len(self.herd.workers)
-        await self.herd.stop()
+        await self.daemon.ops.stop()  # preempts; never refused
         conn.reply(msg.id, {"stopped": count})
 
     async def _reload(self, conn: Connection, msg: Message) -> None:
@@ -257,7 +267,7 @@ class Control:
             changed = await self.daemon.reload(self._streaming(conn, request_id))
         except ConfigError as exc:
             conn.reply(request_id, errors=[f"reload refused, the running configuration stays: {exc}"])
-        except Busy as exc:
+        except (Busy, ShuttingDown) as exc:
             conn.reply(request_id, errors=[str(exc)])
         except DeployFailed as exc:
             conn.reply(request_id, {"output": exc.output}, errors=[f"the running configuration stays: {exc.reason}"])
@@ -267,7 +277,7 @@ class Control:
     async def _terminate(self, conn: Connection, msg: Message) -> None:
         assert msg.id is not None
         log.info("terminate requested by pid %d: stopping all workers", conn.pid)
-        await self.herd.stop()
+        await self.daemon.ops.quit("terminate")
         conn.reply(msg.id, {"terminated": True})
         self.daemon.request_quit()
 

@@ -19,16 +19,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sockherd import __version__
-from sockherd.config import Config, ConfigError, load_config
-from sockherd.daemon import deploy
+from sockherd.config import Config, ConfigError
 from sockherd.daemon.control import Control, log_progress
+from sockherd.daemon.coordinator import Busy, ShuttingDown
 from sockherd.daemon.devserver import DevServer
-from sockherd.daemon.herd import Busy, DeployFailed, Herd
+from sockherd.daemon.herd import DeployFailed, Herd
 from sockherd.daemon.ipc import IpcServer
 from sockherd.daemon.notify import NotifySocket
+from sockherd.daemon.operations import Operations
+from sockherd.daemon.processes import OsProcesses
 from sockherd.daemon.publish import SocketNames, TmpDirError, prepare_tmp_dir, socket_is_live, sweep_tmp_dir
 from sockherd.daemon.reaper import Reaper
-from sockherd.daemon.reload import plan_reload
 
 log = logging.getLogger("sockherd")
 
@@ -73,21 +74,25 @@ def _sd_notify(state: str) -> None:
 
 class Daemon:
     def __init__(self, config: Config, *, dev_server_port: int | None = None, start_workers: bool = True) -> None:
-        self.config = config
         self._dev_server_port = dev_server_port
         self._start_workers = start_workers
         self.started_at = time.time()
         self._quit = asyncio.Event()
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-        self._quitting = False
         self._loop = asyncio.get_running_loop()
         self.reaper = Reaper(self._loop)
-        self.herd = Herd(config, self.reaper)
+        self.herd = Herd(config, OsProcesses(self.reaper), state_path=config.state_path)
+        self.ops = Operations(self.herd)
         self.control = Control(self)
         self.ipc = IpcServer(config.ipc_path, self.control.on_message, self.control.on_disconnect)
         self.notify = NotifySocket(config.notify_path, self.control.on_notify)
         self.dev_server: DevServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def config(self) -> Config:
+        """The running config: the herd's desired state holds the one copy."""
+        return self.herd.config
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -108,7 +113,12 @@ class Daemon:
                 raise DaemonError(f"{path} exists and is not a socket; refusing to touch it (remove it if it is yours)")
         if cfg.ipc_path.exists() and socket_is_live(cfg.ipc_path):
             raise DaemonError(f"another sockherd daemon is already running on {cfg.ipc_path}")
-        sweep_tmp_dir(cfg.tmp_dir, SocketNames.from_pattern(cfg.socket_file), (cfg.ipc_file, cfg.notify_path.name))
+        sweep_tmp_dir(
+            cfg.tmp_dir,
+            SocketNames.from_pattern(cfg.socket_file),
+            (cfg.ipc_file, cfg.notify_path.name),
+            state_file=cfg.state_path.name,
+        )
 
     async def run(self) -> int:
         self._prepare()
@@ -136,6 +146,7 @@ class Daemon:
                     raise DaemonError(f"dev server: cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
 
             log.info("daemon %s ready (pid %d, IPC %s)", __version__, os.getpid(), self.config.ipc_path)
+            self.herd.flush_state()
             if self._start_workers:
                 self._spawn_background(self._initial_start())
             else:
@@ -152,18 +163,21 @@ class Daemon:
 
     async def _initial_start(self) -> None:
         try:
-            await self.herd.start(self.config.max_start_attempts, log_progress)
+            await self.ops.start(self.config.max_start_attempts, log_progress)
         except DeployFailed as exc:
             log.error("workers failed to start: %s%s", exc.reason, "".join(f"\n  | {line}" for line in exc.output))
             log.error("the daemon keeps running with no workers; fix the app, then run `sockherd start`")
+        except (Busy, ShuttingDown) as exc:
+            log.info("initial start skipped: %s", exc)
         finally:
             _sd_notify("READY=1")
 
     async def _shutdown(self) -> None:
         log.info("stopping all workers")
-        await self.herd.stop()
+        await self.ops.quit()
         for task in list(self._background):
             task.cancel()
+        self.herd.close_state()
         if self.dev_server is not None:
             await self.dev_server.close()
         await self.ipc.close()
@@ -171,11 +185,11 @@ class Daemon:
         self.reaper.uninstall()
 
     def request_quit(self) -> None:
-        if self._quitting:
+        if self._quit.is_set():
             log.warning("second quit request: killing all workers now")
-            self._spawn_background(self.herd.kill_all())
+            self._spawn_background(self.ops.kill_all())
             return
-        self._quitting = True
+        self.herd.coordinator.begin_quit()  # from this moment, no command starts anything
         self._quit.set()
 
     def _spawn_background(self, coro: Awaitable[Any]) -> None:
@@ -231,66 +245,35 @@ class Daemon:
 
     async def _scale_logged(self, count: int) -> None:
         try:
-            await self.set_workers(count, log_progress)
-        except (Busy, DeployFailed) as exc:
+            await self.ops.set_workers(count, self.config.max_start_attempts, log_progress)
+        except (Busy, ShuttingDown, DeployFailed) as exc:
             log.error("scaling to %d worker(s) failed: %s", count, exc)
 
-    async def set_workers(self, count: int, progress: Callable[[str], None]) -> None:
-        herd = self.herd
-        await herd.exclusive("scale", lambda: deploy.set_workers(herd, count, self.config.max_start_attempts, progress))
-
-    async def set_standby(self, count: int, progress: Callable[[str], None]) -> None:
-        herd = self.herd
-        await herd.exclusive("scale", lambda: deploy.set_standby(herd, count, self.config.max_start_attempts, progress))
-
-    async def _restart_logged(self, config: Config | None = None) -> None:
+    async def _restart_logged(self) -> None:
         try:
-            await self.herd.restart(self.config.max_start_attempts, log_progress, config)
-        except (Busy, DeployFailed) as exc:
+            await self.ops.restart(self.config.max_start_attempts, log_progress)
+        except (Busy, ShuttingDown, DeployFailed) as exc:
             log.error("restart failed: %s", exc)
 
     async def _reload_logged(self) -> None:
         try:
             changed = await self.reload(log_progress)
-        except (ConfigError, Busy, DeployFailed) as exc:
+        except (ConfigError, Busy, ShuttingDown, DeployFailed) as exc:
             log.error("reload failed, the running configuration stays: %s", exc)
             return
         log.info("reload done: %s", changed)
 
     async def reload(self, progress: Callable[[str], None]) -> str:
         """Apply a changed config with the smallest set of actions (see reload.py)."""
-        new = load_config(self.config.path)
-        herd = self.herd
-        plan = plan_reload(self.config, new, workers=herd.target_workers, standby=herd.target_standby)
-        # Nothing of the new config runs until the workers it needs are up: a failed
-        # restart or scale-up leaves the old config, counts and generation in charge.
-        old_config, old_counts = herd.config, (herd.target_workers, herd.target_standby)
-        try:
-            if plan.restart and herd.running:
-                progress(f"{plan.describe()}: restarting the workers")
-                herd.target_workers, herd.target_standby = new.workers, new.standby
-                await herd.restart(new.max_start_attempts, progress, new, suspended=herd.suspended)
-            herd.config = new
-            if plan.workers is not None:
-                await self.set_workers(plan.workers, progress)
-            if plan.standby is not None:
-                await self.set_standby(plan.standby, progress)
-        except BaseException:
-            herd.config = old_config
-            herd.target_workers, herd.target_standby = old_counts
-            raise
-        self.config = new
-        if plan.timeouts:
-            for worker in herd.workers.values():
-                worker.timeouts = new.timeouts
+        was_running = self.herd.running
+        plan = await self.ops.reload(progress)
+        new = self.config
         if plan.retitle:
             _set_title(f"sockherd daemon: {new.name} [{new.tmp_dir}]")
-        if plan.republish:
-            herd.republish()
-        if plan.recycling:
-            herd.healer.config_changed()
         if plan.dev_server:
             await self._restart_dev_server(new.dev_server)
+        if not was_running and plan.changed:
+            return f"{plan.describe(applied=False)}; the workers are stopped: `sockherd start` runs the new config"
         return plan.describe()
 
     async def _restart_dev_server(self, port: int | None) -> None:
@@ -309,7 +292,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         herd = self.herd
-        state = "stopping" if self._quitting else ("running" if herd.running else "stopped")
+        state = "stopping" if herd.coordinator.quitting else ("running" if herd.running else "stopped")
         return {
             "daemon": {
                 "pid": os.getpid(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sockherd.daemon.desired import Desired
 from sockherd.daemon.environment import output_tail
 from sockherd.daemon.herd import DeployFailed, Herd, Progress
 from sockherd.daemon.process import Generation, StartError, Worker
@@ -18,15 +19,19 @@ from sockherd.daemon.process import Generation, StartError, Worker
 log = logging.getLogger("sockherd")
 
 
-async def deploy(herd: Herd, attempts: int, progress: Progress, *, suspended: bool) -> None:
-    if herd.config.strategy == "rolling" and herd.slots:
-        await _deploy_rolling(herd, attempts, progress, suspended=suspended)
-    else:
-        await _deploy_atomic(herd, attempts, progress, suspended=suspended)
-    herd.running = True
-    herd.suspended = suspended
+async def deploy(herd: Herd, target: Desired, attempts: int, progress: Progress) -> None:
+    """Bring ``target`` up as a new generation; on success it becomes the desired state."""
+    gen = herd.begin_generation(target)
+    try:
+        if target.config.strategy == "rolling" and herd.slots:
+            await _deploy_rolling(herd, gen, target, attempts, progress)
+        else:
+            await _deploy_atomic(herd, gen, target, attempts, progress)
+    finally:
+        herd.end_pending()
+    herd.want(target.but(running=True))
     herd.healer.after_deploy()
-    if suspended:
+    if target.suspended:
         progress("the new generation is suspended: it holds requests until `sockherd resume`")
 
 
@@ -42,9 +47,8 @@ async def _start_together(
                 for i in indexes
             ]
     except BaseException as exc:
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is None:
-                await task.result().stop()
+        started = [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
+        await asyncio.gather(*(w.stop() for w in started))  # all at once: one ladder's time, not N
         failures = [e for e in _leaves(exc) if isinstance(e, StartError)]
         if failures:
             raise DeployFailed(f"{failures[0].worker.label} {failures[0].reason}", output_tail(gen.spec)) from None
@@ -57,50 +61,48 @@ async def _start_together(
     return started
 
 
-async def _deploy_atomic(herd: Herd, attempts: int, progress: Progress, *, suspended: bool) -> None:
-    gen = herd.pending = herd.new_generation()
-    count, standby = herd.target_workers, herd.target_standby
+async def _deploy_atomic(herd: Herd, gen: Generation, target: Desired, attempts: int, progress: Progress) -> None:
+    count, standby = target.workers, target.standby
     progress(f"starting generation {gen.number}: {count} worker(s)" + (f" + {standby} standby" if standby else ""))
     indexes: list[int | None] = [*range(count), *([None] * standby)]
-    try:
-        started = await _start_together(herd, gen, indexes, attempts, progress, suspended=suspended)
-    finally:
-        herd.pending = None
+    started = await _start_together(herd, gen, indexes, attempts, progress, suspended=target.suspended)
     old = [w for w in herd.workers.values() if w.generation != gen.number]
     for worker in started:
         if worker.index is not None:
             herd.publish(worker.index, worker)
     for index in [i for i in herd.slots if i >= count]:  # fewer workers than before
         herd.unpublish(index)
-    herd.current = gen
+    herd.make_current(gen)
     progress(f"generation {gen.number} published; stopping {len(old)} old worker(s)")
     await herd.retire(old)
-    progress(f"generation {gen.number} is " + ("published, holding requests" if suspended else "serving"))
+    progress(f"generation {gen.number} is " + ("published, holding requests" if target.suspended else "serving"))
 
 
-async def _deploy_rolling(herd: Herd, attempts: int, progress: Progress, *, suspended: bool) -> None:
-    old_gen, gen = herd.current, herd.new_generation()
-    progress(f"rolling generation {gen.number} over {herd.target_workers} slot(s)")
+async def _deploy_rolling(herd: Herd, gen: Generation, target: Desired, attempts: int, progress: Progress) -> None:
+    old_gen = herd.current
+    progress(f"rolling generation {gen.number} over {target.workers} slot(s)")
     done: list[int] = []
-    for index in range(herd.target_workers):
+    for index in range(target.workers):
         try:
-            worker = await herd.start_worker(gen, index, suspended=suspended, attempts=attempts, progress=progress)
+            worker = await herd.start_worker(
+                gen, index, suspended=target.suspended, attempts=attempts, progress=progress
+            )
         except StartError as exc:
             if old_gen is not None:
                 await _roll_back(herd, old_gen, done, progress)
             raise DeployFailed(f"{exc.worker.label} {exc.reason}", output_tail(gen.spec)) from None
         previous = herd.slots.get(index)
         herd.publish(index, worker)
-        herd.current = gen
+        herd.make_current(gen)
         if previous is not None:
             await herd.retire([previous])
         done.append(index)
         progress(f"slot {index} now serves generation {gen.number}")
-    for index in [i for i in herd.slots if i >= herd.target_workers]:
+    for index in [i for i in herd.slots if i >= target.workers]:
         if (previous := herd.unpublish(index)) is not None:
             await herd.retire([previous])
-    if old_gen is not None:
-        await herd.retire(herd.standbys(old_gen.number))  # new ones come from the healer
+    # Whatever of older generations is left (standbys, a crashed slot's late respawn).
+    await herd.retire([w for w in herd.workers.values() if w.generation != gen.number])
 
 
 async def _roll_back(herd: Herd, gen: Generation, indexes: list[int], progress: Progress) -> None:
@@ -115,47 +117,41 @@ async def _roll_back(herd: Herd, gen: Generation, indexes: list[int], progress: 
         progress(f"rolled slot {index} back to generation {gen.number}")
         if previous is not None:
             await herd.retire([previous])
-    herd.current = gen
+    herd.make_current(gen)
 
 
-async def set_workers(herd: Herd, count: int, attempts: int, progress: Progress) -> None:
-    """Scale the published workers; scaling down unpublishes before it stops anything."""
-    before, herd.target_workers = herd.target_workers, count
-    gen = herd.current
-    if not herd.running or gen is None:
+async def scale_workers(herd: Herd, count: int, attempts: int, progress: Progress) -> None:
+    """Scale the published workers of the current generation (the caller installs the count).
+
+    Scaling down unpublishes before it stops anything.
+    """
+    gen, before = herd.current, len(herd.slots)
+    if gen is None:
         return
     if count > before:
         progress(f"starting worker(s) {before}..{count - 1}")
-        try:
-            started = await _start_together(
-                herd, gen, list(range(before, count)), attempts, progress, suspended=herd.suspended
-            )
-        except BaseException:
-            herd.target_workers = before
-            raise
+        new = [i for i in range(count) if i not in herd.slots]
+        started = await _start_together(herd, gen, list(new), attempts, progress, suspended=herd.suspended)
         for worker in started:
             assert worker.index is not None
             herd.publish(worker.index, worker)
-    else:
+    elif count < before:
         victims = [w for i in sorted(herd.slots, reverse=True) if i >= count and (w := herd.unpublish(i))]
         progress(f"unpublished {len(victims)} slot(s); stopping their workers")
         await herd.retire(victims)
 
 
-async def set_standby(herd: Herd, count: int, attempts: int, progress: Progress) -> None:
-    before, herd.target_standby = herd.target_standby, count
+async def scale_standby(herd: Herd, count: int, attempts: int, progress: Progress) -> None:
+    """Start or stop standbys of the current generation until there are ``count``."""
     gen = herd.current
-    if not herd.running or gen is None:
+    if gen is None:
         return
+    await herd.healer.stop_refill()  # one author of standbys at a time
     standbys = herd.standbys()
     if count > len(standbys):
         missing: list[int | None] = [None] * (count - len(standbys))
         progress(f"starting {len(missing)} standby worker(s)")
-        try:
-            await _start_together(herd, gen, missing, attempts, progress, suspended=True)
-        except BaseException:
-            herd.target_standby = before
-            raise
+        await _start_together(herd, gen, missing, attempts, progress, suspended=True)
     elif count < len(standbys):
         extra = standbys[count:]
         progress(f"stopping {len(extra)} standby worker(s)")

@@ -5,8 +5,16 @@
   and never gives up.
 - A worker that reports itself broken, outgrows ``max_memory`` or outlives ``max_age``
   keeps serving until its successor is published (a standby, or a fresh worker started
-  first), then drains. Such live replacements run one at a time, so the herd never has
-  fewer than ``workers`` workers serving and never recycles two slots at once.
+  first), then drains. Such live replacements are *yielding* operations of the
+  coordinator: one at a time, never beside a command, and a command that arrives
+  meanwhile cancels them (they try again once it is done). So the herd never has fewer
+  than ``workers`` workers serving and never recycles two slots at once.
+
+Crash replacement and standby refill cannot wait for a command to end (a deploy's old
+generation must stay whole), so they run beside operations; every step that changes
+the herd is synchronous and re-checks the slot it acts on. All their tasks belong to the
+healer, and the stop operation cancels and awaits them (a cancelled start kills what it
+started), so nothing they began can outlive a stop.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sockherd.daemon.coordinator import ShuttingDown
 from sockherd.daemon.process import Generation, StartError, Worker, describe_exit
 
 if TYPE_CHECKING:
@@ -60,7 +69,6 @@ class Healer:
         self._standby_health = SlotHealth()
         self._refill: asyncio.Task[None] | None = None
         self._live_replacements: dict[str, asyncio.Task[None]] = {}  # worker id -> task
-        self._one_at_a_time = asyncio.Lock()
         self._age_timers: dict[str, asyncio.TimerHandle] = {}
         self._memory_watch: asyncio.Task[None] | None = None
 
@@ -105,11 +113,18 @@ class Healer:
             timer.cancel()
         self._age_timers.clear()
 
+    async def stop_refill(self) -> None:
+        """Cancel a standby refill in progress (set-standby takes over the pool)."""
+        if self._refill is not None:
+            self._refill.cancel()
+            await asyncio.gather(self._refill, return_exceptions=True)
+            self._refill = None
+
     # -- exits -------------------------------------------------------------------------
 
     def on_exit(self, worker: Worker, code: int) -> None:
         herd = self.herd
-        herd.workers.pop(worker.id, None)
+        herd.forget(worker)
         if (timer := self._age_timers.pop(worker.id, None)) is not None:
             timer.cancel()
         index = worker.index
@@ -224,7 +239,7 @@ class Healer:
         a burst of deaths no slot waits for a start that another one already finished.
         """
         herd = self.herd
-        vacant = sorted(i for i, w in herd.slots.items() if not w.alive)
+        vacant = sorted(i for i, w in herd.slots.items() if not w.alive and w.generation == worker.generation)
         if not vacant or not herd.running or not worker.alive:
             return False
         log.info("%s fills vacant slot %d", worker.label, vacant[0])
@@ -245,37 +260,55 @@ class Healer:
     def replace_live(self, worker: Worker, why: str) -> None:
         if worker.id in self._live_replacements or not self.herd.running:
             return
-        task = asyncio.create_task(self._replace_live(worker, why), name=f"replace {worker.id}")
+        task = asyncio.create_task(self._replace_live_when_idle(worker, why), name=f"replace {worker.id}")
         self._live_replacements[worker.id] = task
         task.add_done_callback(lambda _: self._live_replacements.pop(worker.id, None))
 
+    def _still_serving(self, worker: Worker) -> bool:
+        herd = self.herd
+        return herd.running and worker.alive and worker.index is not None and herd.slots.get(worker.index) is worker
+
+    async def _replace_live_when_idle(self, worker: Worker, why: str) -> None:
+        """Replace ``worker`` as a yielding operation, again after any command preempts it."""
+        while self._still_serving(worker):
+            try:
+                await self.herd.coordinator.run("replace", lambda: self._replace_live(worker, why), kind="yielding")
+                return
+            except ShuttingDown:
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # A command preempted the replacement (its successor was killed): try again.
+
     async def _replace_live(self, worker: Worker, why: str) -> None:
         herd = self.herd
-        async with self._one_at_a_time:
-            attempt = 0
-            while herd.running and worker.alive and worker.index is not None and herd.slots.get(worker.index) is worker:
-                index = worker.index
-                standby = self._ready_standby(worker.generation)
-                if standby is not None:
-                    log.info("replacing %s (%s) with %s", worker.label, why, standby.label)
-                    self._promote(standby, index)
-                    self.refill_standbys()
-                else:
-                    log.info("replacing %s (%s): starting its successor first", worker.label, why)
-                    try:
-                        successor = await herd.start_worker(
-                            Generation.of(worker), index, suspended=herd.suspended, attempts=1, progress=log.warning
-                        )
-                    except StartError:
-                        attempt += 1
-                        await asyncio.sleep(crash_backoff(attempt + 1))
-                        continue  # the old one keeps serving meanwhile
-                    if herd.slots.get(index) is not worker:
-                        await successor.stop()
-                        return
-                    herd.publish(index, successor)
-                await herd.retire([worker])
-                return
+        attempt = 0
+        while self._still_serving(worker):
+            assert worker.index is not None
+            index = worker.index
+            standby = self._ready_standby(worker.generation)
+            if standby is not None:
+                log.info("replacing %s (%s) with %s", worker.label, why, standby.label)
+                self._promote(standby, index)
+                self.refill_standbys()
+            else:
+                log.info("replacing %s (%s): starting its successor first", worker.label, why)
+                try:
+                    successor = await herd.start_worker(
+                        Generation.of(worker), index, suspended=herd.suspended, attempts=1, progress=log.warning
+                    )
+                except StartError:
+                    attempt += 1
+                    await asyncio.sleep(crash_backoff(attempt + 1))
+                    continue  # the old one keeps serving meanwhile
+                if herd.slots.get(index) is not worker:
+                    await successor.stop()
+                    return
+                herd.publish(index, successor)
+            await herd.retire([worker])
+            return
 
     def _schedule_max_age(self, worker: Worker) -> None:
         max_age = self.herd.config.max_age

@@ -1,17 +1,20 @@
-"""The herd: desired state, generations, and the primitives every operation is made of.
+"""The herd: the desired state, the workers, and the primitives operations are made of.
 
-A *generation* is one version of the worker spec (command, environment, timeouts). The
-current generation is the one published; a deploy starts the next one beside it, and
-it becomes current only when it is published. Until then the old generation stays
-current and fully managed: its crashes are replaced, it is stopped on terminate.
+A *generation* is one version of the worker spec; the current generation is the one
+published. A deploy starts the next one beside it (``pending``), and it becomes current
+only when it is published; until then the old generation stays current and fully
+managed: its crashes are replaced, it is stopped on terminate.
 
 Slots (``app.N.sock``) are derived state: ``slots[N]`` is the worker the symlink
 points at. A worker leaves its slot only after its successor is published there.
 Standbys are workers of the current generation with no index: started suspended,
 never published until promoted into a slot.
 
-Deploys and scaling live in deploy.py, crash replacement and recycling in healing.py;
-this module holds the state they share and the steps they are made of.
+Who may change what (docs/architecture.md has the whole picture): operations
+(operations.py) run one at a time through ``coordinator`` and are the only writers of
+``desired``; healing (healing.py) reacts to exits and reports, and its tasks belong to
+the healer, which the stop operation cancels and awaits. Every change is persisted
+through ``changed()``.
 """
 
 from __future__ import annotations
@@ -19,16 +22,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-from sockherd.config import Config
+from sockherd import __version__
+from sockherd.config import Config, Timeouts
+from sockherd.daemon.coordinator import Coordinator
+from sockherd.daemon.desired import Desired
 from sockherd.daemon.healing import Healer
 from sockherd.daemon.process import Generation, StartError, Worker, WorkerState
+from sockherd.daemon.processes import ProcessLayer
 from sockherd.daemon.publish import publish_symlink, unpublish_symlink
-from sockherd.daemon.reaper import Reaper
+from sockherd.daemon.reaper import process_start_time
+from sockherd.daemon.state_file import FORMAT, StateFile
 
 log = logging.getLogger("sockherd")
 
@@ -42,28 +53,55 @@ class DeployFailed(Exception):
         self.output = output or []
 
 
-class Busy(Exception):
-    pass
-
-
 class Herd:
-    def __init__(self, config: Config, reaper: Reaper) -> None:
-        self.config = config
-        self._reaper = reaper
+    def __init__(self, config: Config, processes: ProcessLayer, *, state_path: Path | None = None) -> None:
+        self.desired = Desired.from_config(config)
+        self.processes = processes
+        self.coordinator = Coordinator()
         self.workers: dict[str, Worker] = {}  # every live worker, any generation
         self.slots: dict[int, Worker] = {}  # published: index -> worker
         self.current: Generation | None = None
         self.pending: Generation | None = None
-        self.running = False
-        self.suspended = False  # deployed with --suspended and not resumed yet
-        self.target_workers = config.workers  # runtime overrides (set-workers) until a reload
-        self.target_standby = config.standby
+        self._pending_desired: Desired | None = None
         self._numbers = 0
-        self._operation: asyncio.Task[Any] | None = None
-        self._operation_name = ""
         self.healer = Healer(self)
         # Called once a worker's pid is known: what it said before that is replayed.
         self.on_spawned: Callable[[Worker], None] | None = None
+        self.started_at = time.time()
+        self._state = StateFile(state_path, self.snapshot) if state_path is not None else None
+
+    # -- the desired state (read here; written by operations) ---------------------------
+
+    @property
+    def config(self) -> Config:
+        return self.desired.config
+
+    @property
+    def running(self) -> bool:
+        return self.desired.running
+
+    @property
+    def suspended(self) -> bool:
+        return self.desired.suspended
+
+    @property
+    def target_workers(self) -> int:
+        return self.desired.workers
+
+    @property
+    def target_standby(self) -> int:
+        return self.desired.standby
+
+    def want(self, desired: Desired) -> None:
+        """Install a new desired state, whole."""
+        self.desired = desired
+        self.changed()
+
+    def timeouts_for(self, number: int) -> Timeouts:
+        """A deploy's new generation starts with the timeouts of the config it deploys."""
+        if self.pending is not None and number == self.pending.number and self._pending_desired is not None:
+            return self._pending_desired.timeouts
+        return self.desired.timeouts
 
     # -- queries -----------------------------------------------------------------------
 
@@ -84,12 +122,12 @@ class Herd:
         return [
             w
             for w in self.workers.values()
-            if w.index is None and w.generation == number and w.alive and not w.stopping
+            if w.index is None and w.generation == number and not w.exited.done() and not w.stopping
         ]
 
     @property
     def operation(self) -> str | None:
-        return self._operation_name if self._operation and not self._operation.done() else None
+        return self.coordinator.operation
 
     def status(self) -> list[dict[str, Any]]:
         published = {w.id: i for i, w in self.slots.items()}
@@ -104,36 +142,111 @@ class Herd:
             rows.append(row)
         return rows
 
+    def snapshot(self) -> dict[str, Any]:
+        """What the state file holds: enough to tell, later, what this daemon managed."""
+        return {
+            "format": FORMAT,
+            "daemon": {
+                "pid": os.getpid(),
+                "start_time": process_start_time(os.getpid()),
+                "version": __version__,
+                "started_at": self.started_at,
+                "config": str(self.config.path),
+                "quitting": self.coordinator.quitting,
+            },
+            "desired": self.desired.as_dict(),
+            "generations": {
+                "current": self.current.number if self.current else None,
+                "pending": self.pending.number if self.pending else None,
+            },
+            "workers": [
+                {
+                    "id": w.id,
+                    "pid": w.pid,
+                    "start_time": w.start_time,
+                    "index": w.index,
+                    "standby": w.index is None,
+                    "socket": str(w.socket_path),
+                    "state": str(w.state),
+                    "generation": w.generation,
+                    "suspended": w.suspended,
+                }
+                for w in self.workers.values()
+            ],
+            "slots": {str(i): w.id for i, w in sorted(self.slots.items())},
+        }
+
+    def changed(self) -> None:
+        if self._state is not None:
+            self._state.changed()
+
+    def flush_state(self) -> None:
+        if self._state is not None:
+            self._state.flush()
+
+    def close_state(self) -> None:
+        """The daemon leaves: with no worker left there is nothing to tell anyone, so no file."""
+        if self._state is None:
+            return
+        if self.workers:
+            self._state.flush()
+        else:
+            self._state.remove()
+
     # -- primitives --------------------------------------------------------------------
 
-    def new_generation(self) -> Generation:
+    def begin_generation(self, target: Desired) -> Generation:
+        """The next generation, pending until it is published."""
         self._numbers += 1
-        return Generation(self._numbers, self.config.worker, self.config.timeouts)
+        self.pending = Generation(self._numbers, target.config.worker)
+        self._pending_desired = target
+        self.changed()
+        return self.pending
+
+    def end_pending(self) -> None:
+        self.pending = None
+        self._pending_desired = None
+        self.changed()
+
+    def make_current(self, gen: Generation | None) -> None:
+        self.current = gen
+        self.changed()
 
     def new_worker(self, gen: Generation, index: int | None, *, suspended: bool) -> Worker:
         worker = Worker(
             config=self.config,
             spec=gen.spec,
-            timeouts=gen.timeouts,
+            timeouts=self.timeouts_for(gen.number),
             index=index,
             generation=gen.number,
-            reaper=self._reaper,
+            processes=self.processes,
             on_exit=self.healer.on_exit,
             on_spawned=self._spawned,
+            on_change=self.changed,
             restarts=self.healer.restarts(index),
             suspended=suspended or index is None,  # standbys always start suspended
         )
         self.workers[worker.id] = worker
+        self.changed()
         return worker
 
     def _spawned(self, worker: Worker) -> None:
         if self.on_spawned is not None:
             self.on_spawned(worker)
 
+    def forget(self, worker: Worker) -> None:
+        """A worker that has exited (or never ran) leaves the herd."""
+        if self.workers.get(worker.id) is worker:
+            del self.workers[worker.id]
+            self.changed()
+
     async def start_worker(
         self, gen: Generation, index: int | None, *, suspended: bool, attempts: int, progress: Progress
     ) -> Worker:
-        """Spawn until one is online (or suspended and ready), up to ``attempts`` tries."""
+        """Spawn until one is online (or suspended and ready), up to ``attempts`` tries.
+
+        Cancelled, it kills what it started before the cancellation completes.
+        """
         last: StartError | None = None
         for attempt in range(1, attempts + 1):
             worker = self.new_worker(gen, index, suspended=suspended)
@@ -145,10 +258,12 @@ class Herd:
                 progress(f"{worker.label} failed to start (attempt {attempt}/{attempts}): {exc.reason}")
                 await worker.kill()
                 if worker.pid is None:  # never ran: no exit will be reaped to remove it
-                    self.workers.pop(worker.id, None)
+                    self.forget(worker)
                 continue
             except BaseException:
                 await asyncio.shield(worker.kill())
+                if worker.pid is None:
+                    self.forget(worker)
                 raise
             return worker
         assert last is not None
@@ -161,12 +276,15 @@ class Herd:
         worker.index = index
         self.slots[index] = worker
         self.healer.published(index, worker)
+        self.changed()
         log.info("published %s as %s", worker.label, self.config.symlink_path(index).name)
 
     def unpublish(self, index: int) -> Worker | None:
         unpublish_symlink(self.config.symlink_path(index))
         self.healer.cancel_replacement(index)
-        return self.slots.pop(index, None)
+        worker = self.slots.pop(index, None)
+        self.changed()
+        return worker
 
     def republish(self) -> None:
         """Rewrite every published symlink (the ``symlinks`` style changed)."""
@@ -188,77 +306,12 @@ class Herd:
         await asyncio.sleep(self.config.timeouts.linger)
         await asyncio.gather(*(w.stop() for w in workers))
 
-    async def stop_generation(self, number: int) -> None:
-        await asyncio.gather(*(w.stop() for w in list(self.workers.values()) if w.generation == number))
-
-    # -- operations: one at a time; stop preempts --------------------------------------
-
-    async def exclusive(self, name: str, work: Callable[[], Awaitable[Any]]) -> Any:
-        if self.operation is not None:
-            raise Busy(f"busy: a {self._operation_name} is in progress; try again when it is done")
-        self._operation_name = name
-        self._operation = asyncio.ensure_future(work())
-        return await asyncio.shield(self._operation)
-
-    async def _preempt(self) -> None:
-        if self._operation is not None and not self._operation.done():
-            log.info("%s interrupted", self._operation_name)
-            self._operation.cancel()
-            with contextlib.suppress(BaseException):
-                await self._operation
-
-    async def start(self, attempts: int, progress: Progress, *, suspended: bool = False) -> bool:
-        """Bring workers up if they are not. False when they already were."""
-        from sockherd.daemon.deploy import deploy
-
-        if self.running:
-            return False
-        await self.exclusive("start", lambda: deploy(self, attempts, progress, suspended=suspended))
-        return True
-
-    async def restart(
-        self, attempts: int, progress: Progress, config: Config | None = None, *, suspended: bool = False
-    ) -> None:
-        """Deploy a new generation; with ``config``, of that config, kept only on success."""
-        from sockherd.daemon.deploy import deploy
-
-        previous = self.config
-        if config is not None and self.operation is None:
-            self.config = config
-        try:
-            await self.exclusive("restart", lambda: deploy(self, attempts, progress, suspended=suspended))
-        except BaseException:
-            self.config = previous
-            raise
-
-    def resume(self) -> int:
-        """Release the published workers' held requests. Standbys stay suspended."""
-        self.suspended = False
-        resumed = [w for w in self.slots.values() if w.suspended and w.alive]
-        for worker in resumed:
-            worker.resume()
-        if resumed:
-            log.info("resumed %d worker(s)", len(resumed))
-        return len(resumed)
-
-    async def stop(self) -> None:
-        """Unpublish, linger, then shut every worker down staged. Preempts a deploy."""
-        self.running = False
-        await self._preempt()
-        await self.healer.stop()
-        was_published = bool(self.slots)
-        for index in list(self.slots):
-            self.unpublish(index)
-        self.current = None
-        self.suspended = False
-        if was_published:
-            await asyncio.sleep(self.config.timeouts.linger)
+    async def stop_all(self) -> None:
+        """Every worker's staged shutdown, all at once; returns when all are reaped."""
         await asyncio.gather(*(w.stop() for w in list(self.workers.values())))
 
     async def kill_all(self) -> None:
-        """The impatient path (a second SIGINT): SIGKILL everything now."""
-        self.running = False
         await asyncio.gather(*(w.kill() for w in list(self.workers.values())))
 
 
-__all__ = ["Busy", "DeployFailed", "Generation", "Herd", "Progress", "WorkerState"]
+__all__ = ["DeployFailed", "Generation", "Herd", "Progress", "WorkerState"]

@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
 import os
 import secrets
 import signal
 import stat
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +24,11 @@ import psutil
 
 from sockherd import protocol
 from sockherd.config import Config, Timeouts, WorkerSpec, render_command
-from sockherd.daemon.environment import open_output, worker_environment
-from sockherd.daemon.reaper import Reaper, kill_process_group, send_signal
+from sockherd.daemon.environment import worker_environment
+from sockherd.daemon.processes import Launch, LaunchFailed, ProcessHandle, ProcessLayer
 
 log = logging.getLogger("sockherd")
 
-_PROBE_FIRST_DELAY = 0.005
-_PROBE_MAX_DELAY = 0.1
 _REAP_AFTER_KILL = 5.0
 
 
@@ -77,9 +73,10 @@ class Worker:
         timeouts: Timeouts,
         index: int | None,
         generation: int,
-        reaper: Reaper,
+        processes: ProcessLayer,
         on_exit: Callable[[Worker, int], None],
         on_spawned: Callable[[Worker], None] | None = None,
+        on_change: Callable[[], None] | None = None,
         restarts: int = 0,
         suspended: bool = False,
     ) -> None:
@@ -94,12 +91,14 @@ class Worker:
         self.socket_path = config.worker_socket_path(self.id)
         self._ipc_path = config.ipc_path
         self._notify_path = config.notify_path
-        self._reaper = reaper
+        self._processes = processes
         self._on_exit_callback = on_exit
         self._on_spawned = on_spawned
+        self._on_change = on_change or (lambda: None)
         self.state = WorkerState.SPAWNING
         self.pid: int | None = None
-        self._pidfd: int | None = None
+        self.start_time: int | None = None  # the kernel's: pid + start time name one process
+        self._process: ProcessHandle | None = None
         self.started_at = time.time()
         self.online_at: float | None = None
         self.exit_code: int | None = None
@@ -143,29 +142,8 @@ class Worker:
             "NOTIFY_SOCKET": str(self._notify_path),
         }
 
-    def _popen(
-        self, argv: list[str], env: dict[str, str], stdout: int | None, stderr: int | None
-    ) -> subprocess.Popen[bytes]:
-        """Runs in an executor thread; closes the output fds it was given, whatever happens."""
-        try:
-            return subprocess.Popen(
-                argv,
-                cwd=self.spec.cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                start_new_session=True,  # own session: a terminal's ^C reaches the daemon only
-                restore_signals=True,
-                close_fds=True,
-            )
-        finally:
-            for fd in (stdout, stderr):
-                if fd is not None:
-                    os.close(fd)
-
     async def spawn(self) -> None:
-        """fork+exec the worker (never a bare fork of this asyncio process)."""
+        """Start the worker's process; cancelled, it leaves nothing running."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)  # ids are random, but never bind over a leftover
         argv = render_command(
@@ -175,44 +153,29 @@ class Worker:
             index="standby" if self.index is None else str(self.index),
         )
         env = worker_environment(self.spec, os.environ, self._contract())
-        outputs: list[int | None] = []
-        for path in (self.spec.stdout, self.spec.stderr):
-            try:
-                outputs.append(open_output(path))
-            except OSError as exc:
-                for fd in outputs:
-                    if fd is not None:
-                        os.close(fd)
-                self._mark_dead(-1)
-                raise StartError(self, f"cannot open its log file {path}: {exc.strerror}") from None
-        loop = asyncio.get_running_loop()
-        # Popen blocks until exec succeeds; in a thread, so a hung exec has a deadline.
-        future = loop.run_in_executor(None, functools.partial(self._popen, argv, env, outputs[0], outputs[1]))
+        launch = Launch(argv, env, self.spec.cwd, self.spec.stdout, self.spec.stderr)
         try:
-            proc = await asyncio.wait_for(asyncio.shield(future), self.timeouts.spawn)
-        except TimeoutError:
-            future.add_done_callback(_kill_late_spawn)
+            process = await self._processes.launch(launch, self.timeouts.spawn)
+        except LaunchFailed as exc:
             self._mark_dead(-1)
-            raise StartError(
-                self, f"could not execute {argv[0]!r} within spawn_timeout ({self.timeouts.spawn}s)"
-            ) from None
-        except OSError as exc:
+            raise StartError(self, exc.reason) from None
+        except BaseException:
             self._mark_dead(-1)
-            raise StartError(self, f"could not execute {argv[0]!r}: {exc.strerror or exc}") from None
-        self.pid = proc.pid
-        proc.returncode = 0  # the Reaper reaps it: Popen must never waitpid a reused pid
-        with contextlib.suppress(OSError):
-            self._pidfd = os.pidfd_open(self.pid)
+            raise
+        self._process = process
+        self.pid, self.start_time = process.pid, process.start_time
         self.state = WorkerState.RUNNING
-        self._reaper.watch_child(self.pid, self._on_exit)
+        process.exited.add_done_callback(lambda done: self._on_exit(done.result()))
         if self._on_spawned is not None:
             self._on_spawned(self)
+        self._on_change()
         log.info("%s spawned (generation %d): %s", self.label, self.generation, " ".join(argv))
 
     # -- readiness ---------------------------------------------------------------------
 
     def report_online(self, via: str) -> None:
-        if self._online.done() or not self.alive:
+        # Accepted while spawning too: a fast worker can report before its pid is known.
+        if self._online.done() or self.exited.done():
             return
         log.debug("%s reported ready via %s", self.label, via)
         self._online.set_result(None)
@@ -224,7 +187,8 @@ class Worker:
             async with asyncio.timeout_at(deadline):
                 if self.spec.ready == "notify":
                     await self._race_exit(self._online, "before it reported ready")
-                await self._race_exit(asyncio.ensure_future(self._probe_socket()), "before its socket accepted")
+                probe = asyncio.ensure_future(self._processes.probe_socket(self.socket_path))
+                await self._race_exit(probe, "before its socket accepted")
         except TimeoutError:
             what = "report ready" if not self._online.done() else "accept connections on its socket"
             await self.kill()
@@ -238,6 +202,7 @@ class Worker:
         self.online_at = time.time()
         if not self._online.done():
             self._online.set_result(None)
+        self._on_change()
         log.info("%s online after %.3fs", self.label, self.online_at - self.started_at)
 
     async def _race_exit(self, awaitable: asyncio.Future[None], when: str) -> None:
@@ -250,23 +215,6 @@ class Worker:
         if self.exited in done:
             raise StartError(self, f"exited with {describe_exit(self.exited.result())} {when}")
         awaitable.result()
-
-    async def _probe_socket(self) -> None:
-        """Connect to the worker's own socket until it accepts (readiness = "socket")."""
-        delay = _PROBE_FIRST_DELAY
-        while True:
-            try:
-                _, writer = await asyncio.open_unix_connection(str(self.socket_path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _PROBE_MAX_DELAY)
-                continue
-            except BlockingIOError:  # backlog full: it is accepting, just busy
-                return
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
 
     # -- suspension --------------------------------------------------------------------
 
@@ -282,6 +230,7 @@ class Worker:
         if self.state is WorkerState.SUSPENDED:
             self.state = WorkerState.ONLINE
         self._send_resume()
+        self._on_change()
 
     def _send_resume(self) -> None:
         if self.link is None or not self.link.is_open:
@@ -295,6 +244,7 @@ class Worker:
         self.broken_reason = reason
         if self.state in (WorkerState.ONLINE, WorkerState.SUSPENDED):
             self.state = WorkerState.BROKEN
+        self._on_change()
 
     def rss(self) -> int:
         """Resident memory of the worker and its children (a wrapper's server counts)."""
@@ -315,9 +265,6 @@ class Worker:
     def _mark_dead(self, code: int) -> None:
         self.state = WorkerState.DEAD
         self.exit_code = code
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)
@@ -325,9 +272,9 @@ class Worker:
             self.exited.set_result(code)
 
     def signal(self, sig: int) -> bool:
-        if not self.alive or self.pid is None:
+        if not self.alive or self._process is None:
             return False
-        return send_signal(self.pid, sig, self._pidfd)
+        return self._process.signal(sig)
 
     async def _wait_exit(self, seconds: float) -> bool:
         try:
@@ -343,6 +290,7 @@ class Worker:
         if self._stop_task is None:
             self.state = WorkerState.TERMINATING
             self._stop_task = asyncio.create_task(self._shutdown_ladder(), name=f"stop {self.id}")
+            self._on_change()
         await asyncio.shield(self._stop_task)
 
     async def _shutdown_ladder(self) -> None:
@@ -355,31 +303,26 @@ class Worker:
             self.signal(self.spec.stop_signal)
         log.info("%s stopping: sent %s", self.label, first)
         if await self._wait_exit(t.shutdown):
-            self._kill_leftovers()
             return
         log.warning("%s still running %.1fs after %s: sending SIGTERM", self.label, t.shutdown, first)
         self.signal(signal.SIGTERM)
         if await self._wait_exit(t.kill):
-            self._kill_leftovers()
             return
         log.error("%s ignored SIGTERM for %.1fs: sending SIGKILL", self.label, t.kill)
         await self.kill()
 
     async def kill(self) -> None:
-        """SIGKILL the worker and its process group, and wait until it is reaped."""
-        if not self.alive:
+        """SIGKILL the worker and its process group, and wait until it is reaped.
+
+        (Whenever a leader exits, the reaper kills what is left of its group too.)
+        """
+        if not self.alive or self._process is None:
             return
         self._killed = True
-        self.signal(signal.SIGKILL)
-        self._kill_leftovers()
+        self._process.signal(signal.SIGKILL)
+        self._process.kill_group()
         if not await self._wait_exit(_REAP_AFTER_KILL):
             log.error("%s not reaped %.0fs after SIGKILL (uninterruptible sleep?)", self.label, _REAP_AFTER_KILL)
-
-    def _kill_leftovers(self) -> None:
-        # The worker leads its own process group: whatever it left there (a wrapper
-        # script's children) must not outlive it.
-        if self.pid is not None:
-            kill_process_group(self.pid)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -409,25 +352,18 @@ def describe_exit(code: int) -> str:
     return f"status {code}"
 
 
-def _kill_late_spawn(future: asyncio.Future[subprocess.Popen[bytes]]) -> None:
-    """A spawn that outlived its deadline: kill it the moment it exists."""
-    if future.cancelled() or future.exception() is not None:
-        return
-    proc = future.result()
-    proc.returncode = 0  # reaped by the Reaper, like every child
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 @dataclass(frozen=True, slots=True)
 class Generation:
-    """One version of the worker spec; a deploy starts the next one beside the current."""
+    """One version of the worker spec; a deploy starts the next one beside the current.
+
+    Timeouts are not part of it: a reload changes them for every worker, of any
+    generation, and every later spawn (see Herd.timeouts_for).
+    """
 
     number: int
     spec: WorkerSpec
-    timeouts: Timeouts
 
     @classmethod
     def of(cls, worker: Worker) -> Generation:
         """The generation a worker belongs to (its successor must run the same spec)."""
-        return cls(worker.generation, worker.spec, worker.timeouts)
+        return cls(worker.generation, worker.spec)

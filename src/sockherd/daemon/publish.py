@@ -22,6 +22,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from sockherd.daemon.state_file import is_temp_of
+
 log = logging.getLogger("sockherd")
 
 
@@ -105,14 +107,17 @@ class SocketNames:
         )
 
 
-def sweep_tmp_dir(tmp_dir: Path, names: SocketNames, extra: tuple[str, ...] = ()) -> list[str]:
+def sweep_tmp_dir(
+    tmp_dir: Path, names: SocketNames, extra: tuple[str, ...] = (), *, state_file: str | None = None
+) -> list[str]:
     """Remove what a previous run left behind in ``tmp_dir``; return the names removed.
 
     Only names sockherd itself creates are considered, only inside tmp_dir, and nothing
     is followed: temporary swap links always go; a published symlink goes only when
     it dangles or points at a dead socket (a live one keeps the site serving until this
     daemon publishes over it); a worker socket goes only when nobody accepts on it.
-    ``extra`` names the daemon's own sockets (IPC, notify), removed when dead.
+    ``extra`` names the daemon's own sockets (IPC, notify), removed when dead; a
+    temporary copy of ``state_file`` that a crash left mid-write always goes.
     """
     removed: list[str] = []
     for entry in os.scandir(tmp_dir):
@@ -129,6 +134,8 @@ def sweep_tmp_dir(tmp_dir: Path, names: SocketNames, extra: tuple[str, ...] = ()
             dead = target is None or target.parent != tmp_dir or not socket_is_live(target)
         elif stat.S_ISSOCK(mode) and (names.is_worker_socket_name(name) or name in extra):
             dead = not socket_is_live(path)
+        elif stat.S_ISREG(mode) and state_file is not None and is_temp_of(name, state_file):
+            dead = True
         else:
             continue
         if dead:

@@ -1,10 +1,14 @@
-"""Observe worker exits without polling.
+"""Observe worker exits without polling, and let no worker's process group outlive it.
 
-Children are reaped on SIGCHLD with ``waitpid(-1, WNOHANG)`` in a loop: one signal may
-stand for several exits, and reaping every child (known or not) keeps zombies from
-piling up when the daemon runs as PID 1 or a subreaper. Unknown exits are remembered
-for a while, because a worker spawned from an executor thread can exit before the loop
-registers interest in it.
+On SIGCHLD every known child is peeked at with ``waitid(WNOWAIT)``: an exited leader
+stays a zombie while its process group is SIGKILLed (a wrapper script's children die
+with it), because the zombie's pid pins the group id and nothing else can be given that
+number meanwhile. Only then is the leader reaped and its exit dispatched.
+
+Children we do not know (orphans reparented to us as PID 1 or a subreaper, launches
+abandoned mid-exec) are reaped too, so zombies never pile up, except while a launch is
+in flight: its child may be among them, and it must stay unreaped until its pid is
+registered (see processes.py). Exits reaped before anyone asked are remembered a while.
 
 Processes that are not our children (adopted from a previous daemon) are watched
 through a pidfd, which becomes readable when the process exits.
@@ -24,6 +28,21 @@ log = logging.getLogger("sockherd")
 
 ExitCallback = Callable[[int], None]
 _UNCLAIMED_LIMIT = 4096  # a whole herd starting at once
+_WAIT_PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT
+
+
+class Hold:
+    """While any hold is active, children the reaper does not know stay unreaped."""
+
+    def __init__(self, reaper: Reaper) -> None:
+        self._reaper: Reaper | None = reaper
+
+    def release(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper._holds -= 1
+            if reaper._holds == 0 and reaper.installed:
+                reaper.reap()  # what waited for the hold
 
 
 class Reaper:
@@ -34,21 +53,31 @@ class Reaper:
         self._callbacks: dict[int, ExitCallback] = {}
         self._unclaimed: OrderedDict[int, int] = OrderedDict()
         self._pidfds: dict[int, int] = {}
+        self._holds = 0
+        self.installed = False
 
     def install(self) -> None:
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        self.installed = True
         self.reap()  # exits that happened before the handler was installed
 
     def uninstall(self) -> None:
         self._loop.remove_signal_handler(signal.SIGCHLD)
+        self.installed = False
         for pid in list(self._pidfds):
             self._close_pidfd(pid)
+
+    def hold_unknown(self) -> Hold:
+        self._holds += 1
+        return Hold(self)
 
     def watch_child(self, pid: int, callback: ExitCallback) -> None:
         if (code := self._unclaimed.pop(pid, None)) is not None:
             self._loop.call_soon(callback, code)
             return
         self._callbacks[pid] = callback
+        if self.installed:
+            self._loop.call_soon(self.reap)  # it may have exited before we asked
 
     def watch_foreign(self, pid: int, callback: ExitCallback) -> bool:
         """Watch a process that is not our child; False if it is already gone."""
@@ -72,25 +101,43 @@ class Reaper:
             os.close(fd)
 
     def reap(self) -> None:
-        while True:
+        for pid in list(self._callbacks):
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                exited = os.waitid(os.P_PID, pid, _WAIT_PEEK)
+            except ChildProcessError:  # not ours (any more): nothing will ever report it
+                exited = None
+                self._callbacks.pop(pid, None)
+            if exited is not None:
+                self._finish(pid)
+        while self._holds == 0:
+            try:
+                peeked = os.waitid(os.P_ALL, 0, _WAIT_PEEK)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if peeked is None or not self._finish(peeked.si_pid):
                 return
-            code = os.waitstatus_to_exitcode(status)
-            callback = self._callbacks.pop(pid, None)
-            if callback is None:
-                log.debug("reaped unknown child %d (exit %d)", pid, code)
-                self._unclaimed[pid] = code
-                while len(self._unclaimed) > _UNCLAIMED_LIMIT:
-                    self._unclaimed.popitem(last=False)
-                continue
-            try:
-                callback(code)
-            except Exception:
-                log.exception("exit handler for pid %d failed", pid)
+
+    def _finish(self, pid: int) -> bool:
+        """``pid`` has exited and is still a zombie: kill its group, then reap it."""
+        callback = self._callbacks.pop(pid, None)
+        if callback is not None:
+            kill_process_group(pid)
+        try:
+            _, status = os.waitpid(pid, 0)  # a zombie: returns at once
+        except ChildProcessError:
+            return False
+        code = os.waitstatus_to_exitcode(status)
+        if callback is None:
+            log.debug("reaped unknown child %d (exit %d)", pid, code)
+            self._unclaimed[pid] = code
+            while len(self._unclaimed) > _UNCLAIMED_LIMIT:
+                self._unclaimed.popitem(last=False)
+            return True
+        try:
+            callback(code)
+        except Exception:
+            log.exception("exit handler for pid %d failed", pid)
+        return True
 
 
 def send_signal(pid: int, sig: int, pidfd: int | None = None) -> bool:
@@ -109,6 +156,24 @@ def send_signal(pid: int, sig: int, pidfd: int | None = None) -> bool:
 
 
 def kill_process_group(pgid: int) -> None:
-    """SIGKILL what is left of a worker's session (children of a wrapper script)."""
+    """SIGKILL what is left of a worker's process group (children of a wrapper script)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the kernel started ``pid``, in clock ticks since boot (None: no such process).
+
+    A pid can be reused; a pid together with its start time names one process for good.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 of proc(5), the 20th after the name
+    except (IndexError, ValueError):
+        return None

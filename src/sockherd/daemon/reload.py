@@ -34,7 +34,8 @@ class ReloadPlan:
     recycling: bool = False  # max_age / max_memory
     dev_server: bool = False
 
-    def describe(self) -> str:
+    def describe(self, *, applied: bool = True) -> str:
+        """What changed and what was done about it (``applied=False``: nothing runs)."""
         actions = []
         if self.restart:
             actions.append("restart")
@@ -43,7 +44,7 @@ class ReloadPlan:
         if self.standby is not None:
             actions.append(f"scale to {self.standby} standby")
         what = f"changed: {', '.join(self.changed)}" if self.changed else "no change in the file"
-        return what + (f" ({'; '.join(actions)})" if actions else "")
+        return what + (f" ({'; '.join(actions)})" if actions and applied else "")
 
 
 def plan_reload(old: Config, new: Config, *, workers: int, standby: int) -> ReloadPlan:

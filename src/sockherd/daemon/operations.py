@@ -1,0 +1,147 @@
+"""Every command that changes the herd, each one operation through the coordinator.
+
+start, restart, resume, scale and reload are exclusive (a concurrent one is told
+"busy"); stop, terminate and quit preempt whatever runs and hold the coordinator until
+the herd is down. Each decides a new desired state and installs it whole, and only once
+it serves: a failed restart or scale-up leaves the old one (config, counts, generation)
+in charge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from sockherd.config import Config, load_config
+from sockherd.daemon.deploy import deploy, scale_standby, scale_workers
+from sockherd.daemon.herd import Herd, Progress
+from sockherd.daemon.reload import ReloadPlan, plan_reload
+
+log = logging.getLogger("sockherd")
+
+
+class Operations:
+    def __init__(self, herd: Herd, *, load: Callable[[Path], Config] = load_config) -> None:
+        self.herd = herd
+        self._coordinator = herd.coordinator
+        self._load = load
+
+    @property
+    def quitting(self) -> bool:
+        return self._coordinator.quitting
+
+    async def start(self, attempts: int, progress: Progress, *, suspended: bool = False) -> bool:
+        """Bring the workers up if they are not. False when they already were."""
+
+        async def work() -> bool:
+            herd = self.herd
+            if herd.running:
+                return False
+            await deploy(herd, herd.desired.but(suspended=suspended), attempts, progress)
+            return True
+
+        return await self._coordinator.run("start", work)
+
+    async def restart(self, attempts: int, progress: Progress, *, suspended: bool = False) -> None:
+        """A new generation of the desired state; the old one retires once it is published."""
+
+        async def work() -> None:
+            await deploy(self.herd, self.herd.desired.but(suspended=suspended), attempts, progress)
+
+        await self._coordinator.run("restart", work)
+
+    async def resume(self) -> int:
+        """Release the published workers' held requests. Standbys stay suspended."""
+
+        async def work() -> int:
+            herd = self.herd
+            herd.want(herd.desired.but(suspended=False))
+            resumed = [w for w in herd.slots.values() if w.suspended and w.alive]
+            for worker in resumed:
+                worker.resume()
+            if resumed:
+                log.info("resumed %d worker(s)", len(resumed))
+            return len(resumed)
+
+        return await self._coordinator.run("resume", work)
+
+    async def set_workers(self, count: int, attempts: int, progress: Progress) -> None:
+        async def work() -> None:
+            herd = self.herd
+            if herd.running:
+                await scale_workers(herd, count, attempts, progress)
+            herd.want(herd.desired.but(workers=count))
+
+        await self._coordinator.run("scale", work)
+
+    async def set_standby(self, count: int, attempts: int, progress: Progress) -> None:
+        async def work() -> None:
+            herd = self.herd
+            if herd.running:
+                await scale_standby(herd, count, attempts, progress)
+            herd.want(herd.desired.but(standby=count))
+            herd.healer.refill_standbys()
+
+        await self._coordinator.run("scale", work)
+
+    async def reload(self, progress: Progress) -> ReloadPlan:
+        """Apply a changed config file with the smallest set of actions (see reload.py)."""
+        return await self._coordinator.run("reload", lambda: self._reload(progress))
+
+    async def _reload(self, progress: Progress) -> ReloadPlan:
+        herd = self.herd
+        old = herd.desired
+        new = self._load(old.config.path)
+        plan = plan_reload(old.config, new, workers=old.workers, standby=old.standby)
+        target = old.but(config=new, workers=new.workers, standby=new.standby)
+        if not old.running:
+            herd.want(target)  # nothing runs: the next start deploys all of it
+        elif plan.restart:
+            progress(f"{plan.describe()}: restarting the workers")
+            await deploy(herd, target, new.max_start_attempts, progress)
+        else:
+            if plan.workers is not None:
+                await scale_workers(herd, plan.workers, new.max_start_attempts, progress)
+            if plan.standby is not None:
+                await scale_standby(herd, plan.standby, new.max_start_attempts, progress)
+            herd.want(target)
+            herd.healer.refill_standbys()
+        if plan.timeouts:
+            for worker in herd.workers.values():
+                worker.timeouts = new.timeouts
+        if plan.republish:
+            herd.republish()
+        if plan.recycling:
+            herd.healer.config_changed()
+        return plan
+
+    async def stop(self) -> None:
+        """Unpublish, linger, then shut every worker down staged. Preempts any operation."""
+        await self._coordinator.run("stop", self._stop, kind="preempting")
+
+    async def quit(self, name: str = "quit") -> None:
+        """The daemon is leaving (quit, terminate): refuse every command from now on, stop the herd."""
+        self._coordinator.begin_quit()
+        self.herd.changed()
+        await self._coordinator.run(name, self._stop, kind="preempting")
+
+    async def _stop(self) -> None:
+        herd = self.herd
+        herd.want(herd.desired.but(running=False, suspended=False))
+        await herd.healer.stop()
+        was_published = bool(herd.slots)
+        for index in list(herd.slots):
+            herd.unpublish(index)
+        herd.make_current(None)
+        if was_published:
+            await asyncio.sleep(herd.config.timeouts.linger)
+        await herd.stop_all()
+
+    async def kill_all(self) -> None:
+        """The impatient path (a second SIGINT): SIGKILL everything now, whatever runs."""
+        self._coordinator.begin_quit()
+        herd = self.herd
+        herd.want(herd.desired.but(running=False))
+        await herd.kill_all()

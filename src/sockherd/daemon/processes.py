@@ -1,0 +1,301 @@
+"""The operating system's processes, behind the small interface a Worker needs.
+
+A Worker asks this layer to launch a process, signal it, kill its process group, watch
+its exit and probe its socket; nothing else in the daemon touches a pid. The real layer
+(:class:`OsProcesses`) forks+execs in an executor thread and reaps on SIGCHLD; the
+unit tests swap in a fake one, so the herd's interleavings run in milliseconds.
+
+What the real layer guarantees, because each broke something once:
+
+- **A launch cannot escape.** Popen runs in a thread; if the launch is cancelled (a
+  stop preempting a deploy) or times out, a ticket shared with the thread says so, and
+  whichever side holds the new process last kills its group. A cancelled launch waits
+  until its process, if one was started, is killed and reaped.
+- **spawn_timeout counts the exec, not the queue.** With a whole herd starting at once
+  the executor queues spawns; the deadline starts when the thread picks the spawn up.
+- **A pid is never reused under us.** While a launch is in flight the reaper does not
+  reap children it does not know (the new one may be among them), so pidfd_open and the
+  start-time read see the process we started; the group is killed before the leader is
+  reaped (see reaper.py), while its pid still pins the group id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from sockherd.daemon.environment import open_output
+from sockherd.daemon.reaper import Reaper, kill_process_group, process_start_time, send_signal
+
+log = logging.getLogger("sockherd")
+
+_PROBE_FIRST_DELAY = 0.005
+_PROBE_MAX_DELAY = 0.1
+
+
+class LaunchFailed(Exception):
+    """The process could not be started; ``reason`` completes "worker … <reason>"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """Everything needed to start one worker process."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    stdout: Path | None
+    stderr: Path | None
+
+
+class ProcessHandle(Protocol):
+    """One started process, leader of its own process group."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def start_time(self) -> int | None:
+        """The kernel's start time of the process (clock ticks since boot): pid + this is unique."""
+        ...
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        """Resolves with the exit code (negative: the signal) once reaped."""
+        ...
+
+    def signal(self, sig: int) -> bool:
+        """Signal the leader; False when it is already gone."""
+        ...
+
+    def kill_group(self) -> None:
+        """SIGKILL the whole process group (a wrapper's children too)."""
+        ...
+
+
+class ProcessLayer(Protocol):
+    async def launch(self, launch: Launch, spawn_timeout: float) -> ProcessHandle:
+        """Start a process (raises LaunchFailed); cancelled, it leaves nothing running."""
+        ...
+
+    async def probe_socket(self, path: Path) -> None:
+        """Return once something accepts connections on the UNIX socket at ``path``."""
+        ...
+
+
+class _Ticket:
+    """Shared by the loop and the Popen thread: who owns the process when it appears."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.executing = False  # the thread is inside Popen: a process may appear
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def abandon(self) -> tuple[subprocess.Popen[bytes] | None, bool]:
+        """The loop gives up on this launch: the process the thread made, and whether it still may."""
+        with self.lock:
+            self.abandoned = True
+            return self.proc, self.executing and self.proc is None
+
+
+class OsProcess:
+    def __init__(self, pid: int, pidfd: int | None, start_time: int | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.pid = pid
+        self.start_time = start_time
+        self._pidfd = pidfd
+        self.exited: asyncio.Future[int] = loop.create_future()
+
+    def _on_reaped(self, code: int) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+    def signal(self, sig: int) -> bool:
+        if self.exited.done():
+            return False
+        return send_signal(self.pid, sig, self._pidfd)
+
+    def kill_group(self) -> None:
+        # Only while the leader is unreaped: its pid pins the group id against reuse.
+        if not self.exited.done():
+            kill_process_group(self.pid)
+
+
+class OsProcesses:
+    """fork+exec in a thread (never a bare fork of this asyncio process), reap on SIGCHLD."""
+
+    def __init__(self, reaper: Reaper, executor: concurrent.futures.Executor | None = None) -> None:
+        self._reaper = reaper
+        self._executor = executor
+
+    async def launch(self, launch: Launch, spawn_timeout: float) -> ProcessHandle:
+        loop = asyncio.get_running_loop()
+        outputs: list[int | None] = []
+        for path in (launch.stdout, launch.stderr):
+            try:
+                outputs.append(open_output(path))
+            except OSError as exc:
+                _close_all(outputs)
+                raise LaunchFailed(f"cannot open its log file {path}: {exc.strerror}") from None
+        ticket = _Ticket()
+        picked_up: asyncio.Future[None] = loop.create_future()
+        hold = self._reaper.hold_unknown()  # our child must not be reaped before we know its pid
+        try:
+            future = loop.run_in_executor(
+                self._executor, functools.partial(_popen, launch, outputs, ticket, loop, picked_up)
+            )
+        except BaseException:
+            _close_all(outputs)
+            hold.release()
+            raise
+        future.add_done_callback(lambda _: hold.release() if ticket.abandoned else None)
+
+        def give_up() -> None:
+            ticket.abandon()  # the thread kills the process, if exec ever returns
+            if future.done():
+                hold.release()
+
+        try:
+            await asyncio.shield(picked_up)  # queued in the executor: not part of spawn_timeout
+            proc = await asyncio.wait_for(asyncio.shield(future), spawn_timeout)
+        except TimeoutError:
+            give_up()
+            raise LaunchFailed(
+                f"could not execute {launch.argv[0]!r} within spawn_timeout ({spawn_timeout}s)"
+            ) from None
+        except OSError as exc:
+            give_up()
+            raise LaunchFailed(f"could not execute {launch.argv[0]!r}: {exc.strerror or exc}") from None
+        except asyncio.CancelledError:
+            await self._abandon(ticket, future, spawn_timeout)
+            if future.done():
+                hold.release()
+            raise
+        if proc is None:  # only an abandoned ticket returns None, and only the paths above abandon
+            give_up()
+            raise LaunchFailed("launch abandoned")
+        try:
+            pidfd: int | None = os.pidfd_open(proc.pid)
+        except OSError:
+            pidfd = None  # kernels before 5.3: plain kill(), still safe while unreaped
+        handle = OsProcess(proc.pid, pidfd, process_start_time(proc.pid), loop)
+        self._reaper.watch_child(proc.pid, handle._on_reaped)
+        hold.release()
+        return handle
+
+    async def _abandon(
+        self,
+        ticket: _Ticket,
+        future: asyncio.Future[subprocess.Popen[bytes] | None],
+        spawn_timeout: float,
+    ) -> None:
+        """Cancelled: kill what the thread started and wait until it is reaped.
+
+        Still queued, the thread will see the abandoned ticket and start nothing.
+        """
+        proc, executing = ticket.abandon()
+        if executing:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(future), spawn_timeout)
+            proc = ticket.proc
+        if proc is None:
+            return
+        kill_process_group(proc.pid)  # unreaped (we hold the reaper): the group id is still its own
+        reaped: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._reaper.watch_child(proc.pid, functools.partial(_resolve_exit, reaped))
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(reaped), spawn_timeout)
+
+    async def probe_socket(self, path: Path) -> None:
+        delay = _PROBE_FIRST_DELAY
+        while True:
+            try:
+                _, writer = await asyncio.open_unix_connection(str(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _PROBE_MAX_DELAY)
+                continue
+            except BlockingIOError:  # backlog full: it is accepting, just busy
+                return
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+
+def _popen(
+    launch: Launch,
+    outputs: list[int | None],
+    ticket: _Ticket,
+    loop: asyncio.AbstractEventLoop,
+    picked_up: asyncio.Future[None],
+) -> subprocess.Popen[bytes] | None:
+    """Runs in an executor thread; closes the output fds it was given, whatever happens."""
+    try:
+        with contextlib.suppress(RuntimeError):  # the loop closed under a daemon quitting
+            loop.call_soon_threadsafe(_resolve, picked_up)
+        with ticket.lock:
+            if ticket.abandoned:
+                return None
+            ticket.executing = True
+        proc = subprocess.Popen(
+            launch.argv,
+            cwd=launch.cwd,
+            env=launch.env,
+            stdin=subprocess.DEVNULL,
+            stdout=outputs[0],
+            stderr=outputs[1],
+            start_new_session=True,  # own session and group: a terminal's ^C reaches the daemon only
+            restore_signals=True,
+            close_fds=True,
+        )
+        proc.returncode = 0  # the Reaper reaps it: Popen must never waitpid a reused pid
+        with ticket.lock:
+            ticket.proc = proc
+            if ticket.abandoned:  # the loop gave up while exec ran: nobody else will kill it
+                kill_process_group(proc.pid)
+        return proc
+    finally:
+        _close_all(outputs)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _resolve_exit(future: asyncio.Future[int], code: int) -> None:
+    if not future.done():
+        future.set_result(code)
+
+
+def _close_all(fds: list[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+__all__ = [
+    "Launch",
+    "LaunchFailed",
+    "OsProcess",
+    "OsProcesses",
+    "ProcessHandle",
+    "ProcessLayer",
+]

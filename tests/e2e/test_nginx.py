@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,25 @@ def test_killing_the_daemon_drops_no_request(start_daemon: DaemonFactory, start_
     assert result.failures == [], result.failures[:10]
     assert set(result.pids) == pids
     assert all(psutil.pid_exists(pid) for pid in pids), "workers outlive their daemon"
+
+
+def test_sigterm_in_the_middle_of_a_restart_under_load(start_daemon: DaemonFactory, start_nginx: NginxFactory) -> None:
+    """The quit preempts the restart: no request fails until the daemon unpublishes, and
+    no process of either generation outlives the daemon."""
+    daemon = start_daemon({**EXAMPLE_APP, "workers": 2})
+    daemon.wait_ready(2, timeout=30)
+    nginx = start_nginx(symlinks(daemon, 2), keepalive=True)
+    with LoadGenerator(nginx.port, concurrency=16, post_every=4) as load:
+        load.wait_requests(300)
+        mark = daemon.mark()
+        restart = daemon.cli_background("restart")
+        daemon.wait_log(r"spawned \(generation 2\)", start=mark)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(30) == 0
+        _, err = restart.communicate(timeout=30)
+    result = load.stop()
+    unpublished = daemon.line_time(r"unpublished 2 slot\(s\)", start=mark)
+    before = [status for start, status in result.status_times if start < unpublished - 0.05]
+    assert len(before) > 300 and all(status == 200 for status in before), Counter(before)
+    assert restart.returncode == 1 and "interrupted" in err, err
+    assert daemon.worker_processes() == []

@@ -141,16 +141,23 @@ def test_reload_scales_without_restarting_and_ends_overrides(start_daemon: Daemo
 
 
 def test_reload_of_timeouts_applies_in_place(start_daemon: DaemonFactory) -> None:
-    settings: dict[str, Any] = {"command": tinyapp_command(), "workers": 1}
+    # A worker that ignores SIGTERM: its stop takes the whole ladder, so the timeouts
+    # the ladder used are visible (defaults: 10 s + 5 s).
+    settings: dict[str, Any] = {"command": tinyapp_command("--ignore-term"), "workers": 1}
     daemon = start_daemon(settings)
     pid = daemon.wait_ready(1)["workers"][0]["pid"]
     write_config(
-        daemon.config_path, {**settings, "tmp_dir": str(daemon.tmp_dir), "shutdown_timeout": 3, "name": "shop"}
+        daemon.config_path,
+        {**settings, "tmp_dir": str(daemon.tmp_dir), "shutdown_timeout": 0.3, "kill_timeout": 0.4, "name": "shop"},
     )
     result = daemon.cli("reload")
     assert result.returncode == 0 and "shutdown_timeout" in result.stdout
-    assert daemon.status()["workers"][0]["pid"] == pid
+    assert daemon.status()["workers"][0]["pid"] == pid  # applied in place, no restart
     assert "sockherd daemon: shop" in " ".join(psutil.Process(daemon.proc.pid).cmdline())
+    mark = daemon.mark()
+    assert daemon.cli("stop", timeout=8).returncode == 0
+    daemon.wait_log(rf"pid {pid}\) still running 0.3s after SIGTERM", start=mark)
+    daemon.wait_log(rf"pid {pid}\) ignored SIGTERM for 0.4s: sending SIGKILL", start=mark)
 
 
 def test_max_memory_recycles_without_a_capacity_dip(start_daemon: DaemonFactory) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 from typing import Any
@@ -38,7 +37,7 @@ def state_file(daemon: RunningDaemon) -> dict[str, Any]:
 
 
 def app_processes(daemon: RunningDaemon) -> set[int]:
-    return {p.pid for p in daemon.worker_processes() if p.status() != psutil.STATUS_ZOMBIE}
+    return {p.pid for p in daemon.worker_processes()}
 
 
 def test_a_sigkilled_leaders_children_die_with_it(start_daemon: DaemonFactory) -> None:
@@ -74,12 +73,7 @@ def test_a_stop_right_after_a_large_start_leaves_no_process(start_daemon: Daemon
 def test_sigterm_right_before_a_restart_command_leaves_no_process(start_daemon: DaemonFactory) -> None:
     daemon = start_daemon({"command": tinyapp_command(), "workers": 2})
     daemon.wait_ready(2)
-    restart = subprocess.Popen(
-        [sys.executable, "-m", "sockherd", "restart", "-c", str(daemon.config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    restart = daemon.cli_background("restart")
     daemon.proc.send_signal(signal.SIGTERM)
     _, err = restart.communicate(timeout=30)
     assert daemon.proc.wait(30) == 0
@@ -95,12 +89,7 @@ def test_sigterm_in_the_middle_of_a_restart_leaves_no_process_of_either_generati
     daemon = start_daemon({"command": tinyapp_command("--start-delay", "1"), "workers": 2, "online_timeout": 20})
     daemon.wait_ready(2, timeout=30)
     mark = daemon.mark()
-    restart = subprocess.Popen(
-        [sys.executable, "-m", "sockherd", "restart", "-c", str(daemon.config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    restart = daemon.cli_background("restart")
     daemon.wait_log(r"spawned \(generation 2\)", start=mark)
     daemon.proc.send_signal(signal.SIGTERM)
     _, err = restart.communicate(timeout=30)

@@ -68,6 +68,7 @@ class RunningDaemon:
         self.config_path = write_config(workdir / "sockherd.toml", settings)
         self.ipc = self.tmp_dir / settings.get("ipc_file", "sockherd.ipc")
         self.lines: list[str] = []
+        self.line_times: list[float] = []  # time.monotonic() when each line arrived
         self._new_line = threading.Condition()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sockherd", "daemon", "-c", str(self.config_path), "--log-level", "debug", *args],
@@ -83,6 +84,7 @@ class RunningDaemon:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             with self._new_line:
+                self.line_times.append(time.monotonic())
                 self.lines.append(line.rstrip("\n"))
                 self._new_line.notify_all()
         with self._new_line:
@@ -108,6 +110,15 @@ class RunningDaemon:
                 if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
                     raise AssertionError(f"no log line matched {pattern!r}; log:\n" + "\n".join(self.lines[-60:]))
                 self._new_line.wait(remaining)
+
+    def line_time(self, pattern: str, start: int = 0) -> float:
+        """When (time.monotonic) the first line matching ``pattern`` arrived; it did already."""
+        regex = re.compile(pattern)
+        with self._new_line:
+            for n in range(start, len(self.lines)):
+                if regex.search(self.lines[n]):
+                    return self.line_times[n]
+        raise AssertionError(f"no log line matched {pattern!r}")
 
     def mark(self) -> int:
         with self._new_line:
@@ -155,12 +166,22 @@ class RunningDaemon:
             check=False,
         )
 
+    def cli_background(self, *args: str) -> subprocess.Popen[str]:
+        """The CLI started and left running (``communicate()`` for its result)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "sockherd", *args, "-c", str(self.config_path)],
+            cwd=self.workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def worker_processes(self) -> list[psutil.Process]:
         """Every live process started for this daemon (found by its IPC path in the environment)."""
         found = []
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error):
-                if proc.environ().get("SOCKHERD_IPC") == str(self.ipc):
+                if proc.environ().get("SOCKHERD_IPC") == str(self.ipc) and proc.status() != psutil.STATUS_ZOMBIE:
                     found.append(proc)
         return found
 

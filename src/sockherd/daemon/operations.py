@@ -131,11 +131,12 @@ class Operations:
         herd = self.herd
         herd.want(herd.desired.but(running=False, suspended=False))
         await herd.healer.stop()
-        was_published = bool(herd.slots)
+        published = len(herd.slots)
         for index in list(herd.slots):
             herd.unpublish(index)
         herd.make_current(None)
-        if was_published:
+        if published:
+            log.info("unpublished %d slot(s); stopping %d worker(s)", published, len(herd.workers))
             await asyncio.sleep(herd.config.timeouts.linger)
         await herd.stop_all()
 

@@ -68,6 +68,7 @@ class Herd:
         # Called once a worker's pid is known: what it said before that is replayed.
         self.on_spawned: Callable[[Worker], None] | None = None
         self.started_at = time.time()
+        self._own_start_time = process_start_time(os.getpid())
         self._state = StateFile(state_path, self.snapshot) if state_path is not None else None
 
     # -- the desired state (read here; written by operations) ---------------------------
@@ -148,7 +149,7 @@ class Herd:
             "format": FORMAT,
             "daemon": {
                 "pid": os.getpid(),
-                "start_time": process_start_time(os.getpid()),
+                "start_time": self._own_start_time,
                 "version": __version__,
                 "started_at": self.started_at,
                 "config": str(self.config.path),

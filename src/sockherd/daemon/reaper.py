@@ -101,21 +101,25 @@ class Reaper:
             os.close(fd)
 
     def reap(self) -> None:
-        for pid in list(self._callbacks):
-            try:
-                exited = os.waitid(os.P_PID, pid, _WAIT_PEEK)
-            except ChildProcessError:  # not ours (any more): nothing will ever report it
-                exited = None
-                self._callbacks.pop(pid, None)
-            if exited is not None:
-                self._finish(pid)
-        while self._holds == 0:
+        while True:  # the common case: each exited child in turn, one syscall each
             try:
                 peeked = os.waitid(os.P_ALL, 0, _WAIT_PEEK)
             except ChildProcessError:
                 return
-            if peeked is None or not self._finish(peeked.si_pid):
+            if peeked is None:
                 return
+            if peeked.si_pid not in self._callbacks and self._holds:
+                break  # it must wait for the hold, and it hides the children behind it
+            if not self._finish(peeked.si_pid):
+                return
+        for pid in list(self._callbacks):  # behind a held child: ask for each known one
+            try:
+                exited = os.waitid(os.P_PID, pid, _WAIT_PEEK)
+            except ChildProcessError:  # not ours (any more): nothing will ever report it
+                self._callbacks.pop(pid, None)
+                continue
+            if exited is not None:
+                self._finish(pid)
 
     def _finish(self, pid: int) -> bool:
         """``pid`` has exited and is still a zombie: kill its group, then reap it."""

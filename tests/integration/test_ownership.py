@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from conftest import DaemonFactory
-from support.daemon import REPO, RunningDaemon, tinyapp_command, wait_for
+from support.daemon import REPO, RunningDaemon, tinyapp_command, wait_for, write_config
 
 
 def group_of(pid: int) -> set[int]:
@@ -131,3 +131,33 @@ def test_status_of_a_dead_daemon_lists_the_workers_still_running(start_daemon: D
     as_json = json.loads(daemon.cli("status", "--json").stdout)
     assert as_json["daemon"]["state"] == "dead"
     assert {w["pid"] for w in as_json["workers"]} == pids
+
+
+def test_a_restart_while_a_stop_runs_is_busy_and_nothing_runs_after(start_daemon: DaemonFactory) -> None:
+    # A worker that ignores SIGTERM keeps the stop busy for its whole ladder (0.6 s).
+    daemon = start_daemon(
+        {"command": tinyapp_command("--ignore-term"), "workers": 1, "shutdown_timeout": 0.3, "kill_timeout": 0.3}
+    )
+    daemon.wait_ready(1)
+    mark = daemon.mark()
+    stop = daemon.cli_background("stop")
+    daemon.wait_log(r"stopping: sent SIGTERM", start=mark)
+    restart = daemon.cli("restart")
+    assert restart.returncode == 1 and "busy: a stop is in progress" in restart.stderr, restart.stderr
+    stop.communicate(timeout=10)
+    assert stop.returncode == 0
+    assert app_processes(daemon) == set() and daemon.status()["daemon"]["state"] == "stopped"
+
+
+def test_a_reload_while_stopped_is_what_the_next_start_runs(start_daemon: DaemonFactory) -> None:
+    settings: dict[str, Any] = {"command": tinyapp_command(), "workers": 1}
+    daemon = start_daemon(settings)
+    daemon.wait_ready(1)
+    assert daemon.cli("stop").returncode == 0
+    write_config(daemon.config_path, {**settings, "tmp_dir": str(daemon.tmp_dir), "workers": 3, "standby": 1})
+    reload = daemon.cli("reload")
+    assert reload.returncode == 0 and "`sockherd start` runs the new config" in reload.stdout, reload.stdout
+    assert app_processes(daemon) == set()
+    assert daemon.cli("start").returncode == 0
+    status = daemon.wait_ready(3)
+    assert status["daemon"]["workers"] == 3 and status["daemon"]["standby"] == 1

@@ -307,7 +307,9 @@ class Healer:
                     await successor.stop()
                     return
                 herd.publish(index, successor)
-            await herd.retire([worker])
+            # Past the swap a preempting command must not cancel the retirement: the
+            # old worker, unpublished, would be left running outside any slot.
+            await asyncio.shield(herd.retire([worker]))
             return
 
     def _schedule_max_age(self, worker: Worker) -> None:

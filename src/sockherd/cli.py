@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--suspended", action="store_true", help="workers hold requests until `sockherd resume` (migrations)"
         )
+        if name == "restart":
+            sub.add_argument(
+                "--upgrade",
+                action="store_true",
+                help="if a newer sockherd is installed, re-execute the daemon in place (same pid) first",
+            )
     command("resume", "release the requests suspended workers hold")
     for name, help_ in (("set-workers", "scale the published workers"), ("set-standby", "scale the standbys")):
         command(name, help_ + " (until the next reload)").add_argument("count", type=int, metavar="N")
@@ -139,8 +145,12 @@ def _run_daemon(args: argparse.Namespace) -> int:
     elif args.dev_server is not None:
         port = args.dev_server
 
+    from sockherd.daemon.upgrade import take_inherited
+
+    inherited = take_inherited()  # set when this image is an upgrade of the one before (same pid)
+
     async def run() -> int:
-        daemon = Daemon(config, dev_server_port=port, start_workers=not args.no_start)
+        daemon = Daemon(config, dev_server_port=port, start_workers=not args.no_start, inherited=inherited)
         return await daemon.run()
 
     try:
@@ -177,6 +187,8 @@ def _run_client_command(args: argparse.Namespace) -> int:
             data["max_attempts"] = args.max_attempts
         if getattr(args, "suspended", False):
             data["suspended"] = True
+        if getattr(args, "upgrade", False):
+            data["upgrade"] = True
         if getattr(args, "count", None) is not None:
             data["count"] = args.count
         result = client.call(args.command, data or None, on_progress=_progress)
@@ -225,6 +237,10 @@ def _summary(command: str, result: Any) -> str:
         status = result.get("status", {})
         pids = ", ".join(str(w["pid"]) for w in status.get("workers", []) if w.get("published"))
         held = " (suspended: run `sockherd resume` to serve)" if status.get("daemon", {}).get("suspended") else ""
+        upgraded = result.get("upgraded")
+        if isinstance(upgraded, dict):
+            held += f"; daemon upgraded in place from {upgraded.get('from')} to {upgraded.get('to')}"
+            held += f" (pid {upgraded.get('pid')})"
         return f"{command} done: serving from pid(s) {pids}{held}"
     if command == "stop":
         return f"stopped {result.get('stopped', 0)} worker(s)"

@@ -60,12 +60,11 @@ NotifyAccess=main
 WorkingDirectory={workdir}
 ExecStart={exe} daemon
 ExecReload=/bin/kill -HUP $MAINPID
-# SIGTERM goes to the daemon alone, which drains its workers in stages; whatever is
-# left when the daemon exits (also after a crash) is SIGKILLed. Workers must not
-# outlive the service while no restarted daemon can adopt them; KillMode=process
-# comes with adoption.
-KillMode=mixed
+# SIGTERM goes to the daemon alone, which drains its workers in stages. If the daemon
+# dies, its workers keep serving and the daemon systemd starts again adopts them.
+KillMode=process
 TimeoutStopSec=60
+# Every crash (a signal, a non-zero exit); not a clean `sockherd terminate`.
 Restart=on-failure
 RuntimeDirectory={name}
 RuntimeDirectoryMode=2750

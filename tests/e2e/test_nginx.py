@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from conftest import DaemonFactory, NginxFactory
-from support.daemon import EXAMPLE, REPO, RunningDaemon, tinyapp_command, wait_for
+from support.daemon import EXAMPLE, REPO, RunningDaemon, bump, installable_copy, tinyapp_command, wait_for
 from support.http import LoadGenerator, LoadResult, unix_get
 from support.nginx import Nginx
 
@@ -198,3 +198,54 @@ def test_sigterm_in_the_middle_of_a_restart_under_load(start_daemon: DaemonFacto
     assert len(before) > 300 and all(status == 200 for status in before), Counter(before)
     assert restart.returncode == 1 and "interrupted" in err, err
     assert daemon.worker_processes() == []
+
+
+def test_a_killed_daemon_is_succeeded_by_one_that_adopts_its_workers_under_load(
+    start_daemon: DaemonFactory, start_nginx: NginxFactory
+) -> None:
+    settings = {**EXAMPLE_APP, "workers": 2}
+    first = start_daemon(settings)
+    pids = {w["pid"] for w in first.wait_ready(2, timeout=30)["workers"]}
+    nginx = start_nginx(symlinks(first, 2), keepalive=True)
+    with LoadGenerator(nginx.port, concurrency=16, post_every=4) as load:
+        load.wait_requests(300)
+        first.proc.kill()
+        first.proc.wait(10)
+        load.wait_requests(300)
+        started = time.monotonic()
+        second = start_daemon({**settings, "tmp_dir": str(first.tmp_dir)})
+        second.wait_log(r"adopting from daemon .*: adopted 2 worker\(s\)")
+        assert second.line_time(r"adopted 2 worker") - started < 2.0
+        status = second.wait_ready(2, timeout=10)
+        assert {w["pid"] for w in status["workers"]} == pids
+        wait_for(lambda: all(w["integrated"] for w in second.status()["workers"]), 10, "the runners to reconnect")
+        restart = second.cli("restart")  # zero-downtime, and the adopted workers drain and go
+        assert restart.returncode == 0, restart.stderr
+        new = second.published_pids()
+        wait_for(lambda: all(load.result.pids[p] for p in new), 10, "the new workers to answer")
+        load.wait_requests(300)
+    result = load.stop()
+    assert result.failures == [], result.failures[:10]
+    assert nginx.errors() == [], nginx.errors()[:10]
+    assert not pids & {p.pid for p in second.worker_processes()}
+
+
+def test_upgrade_in_place_under_load(start_daemon: DaemonFactory, start_nginx: NginxFactory, tmp_path: Path) -> None:
+    site = installable_copy(tmp_path / "site", "0.1.0")
+    daemon = start_daemon({**EXAMPLE_APP, "workers": 2}, env={"PYTHONPATH": str(site)})
+    before = daemon.wait_ready(2, timeout=30)
+    nginx = start_nginx(symlinks(daemon, 2), keepalive=True)
+    with LoadGenerator(nginx.port, concurrency=16, post_every=4) as load:
+        load.wait_requests(300)
+        bump(site, "0.2.0")
+        upgrade = daemon.cli("restart", "--upgrade")
+        assert upgrade.returncode == 0, upgrade.stderr
+        new = daemon.published_pids()
+        wait_for(lambda: all(load.result.pids[p] for p in new), 10, "the new workers to answer")
+        load.wait_requests(300)
+    result = load.stop()
+    after = daemon.status()
+    assert after["daemon"]["pid"] == before["daemon"]["pid"] and after["daemon"]["version"] == "0.2.0"
+    assert not new & {w["pid"] for w in before["workers"]}
+    assert result.failures == [], result.failures[:10]
+    assert nginx.errors() == [], nginx.errors()[:10]

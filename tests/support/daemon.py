@@ -62,7 +62,9 @@ def short_tmp_dir() -> Path:
 
 
 class RunningDaemon:
-    def __init__(self, workdir: Path, settings: dict[str, Any], args: list[str]) -> None:
+    def __init__(
+        self, workdir: Path, settings: dict[str, Any], args: list[str], env: Mapping[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.tmp_dir = Path(settings["tmp_dir"])
         self.config_path = write_config(workdir / "sockherd.toml", settings)
@@ -76,6 +78,7 @@ class RunningDaemon:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **env} if env else None,
         )
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
@@ -209,10 +212,31 @@ def tinyapp_command(*flags: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_daemon(workdir: Path, settings: Mapping[str, Any], *args: str) -> Iterator[RunningDaemon]:
+def running_daemon(
+    workdir: Path, settings: Mapping[str, Any], *args: str, env: Mapping[str, str] | None = None
+) -> Iterator[RunningDaemon]:
     config = {"tmp_dir": str(short_tmp_dir()), **settings}
-    daemon = RunningDaemon(workdir, config, list(args))
+    daemon = RunningDaemon(workdir, config, list(args), env)
     try:
         yield daemon
     finally:
         daemon.stop()
+
+
+def installable_copy(where: Path, version: str) -> Path:
+    """A copy of sockherd's source that reports ``version``: what `pip install -U` leaves.
+
+    Run a daemon with ``PYTHONPATH`` set to the returned directory; :func:`bump` then
+    "installs" another version under it while the daemon runs.
+    """
+    shutil.copytree(REPO / "src" / "sockherd", where / "sockherd", ignore=shutil.ignore_patterns("__pycache__"))
+    bump(where, version)
+    return where
+
+
+def bump(where: Path, version: str) -> None:
+    for old in where.glob("sockherd-*.dist-info"):
+        shutil.rmtree(old)
+    info = where / f"sockherd-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sockherd\nVersion: {version}\n")

@@ -95,6 +95,13 @@ class FakeProcesses:
     async def probe_socket(self, path: Path) -> None:
         return None
 
+    def adopt(self, pid: int, start_time: int) -> FakeProcess | None:
+        """A process a previous (fake) daemon started, if it still runs as recorded."""
+        proc = next((p for p in self.processes if p.pid == pid), None)
+        if proc is None or not proc.alive or proc.start_time != start_time:
+            return None
+        return proc
+
     def live(self) -> list[FakeProcess]:
         return [p for p in self.processes if p.alive]
 
@@ -105,7 +112,7 @@ class FakeProcesses:
 class FakeHerd:
     """A Herd and its Operations on fake processes; workers report ready unless told not to."""
 
-    def __init__(self, tmp_dir: Path, **settings: Any) -> None:
+    def __init__(self, tmp_dir: Path, fake: FakeProcesses | None = None, **settings: Any) -> None:
         self.tmp_dir = tmp_dir
         self.settings: dict[str, Any] = {
             "command": ["app", "{socket}"],
@@ -117,7 +124,7 @@ class FakeHerd:
             **settings,
         }
         self.path = write_config(tmp_dir / "sockherd.toml", self.settings)
-        self.fake = FakeProcesses()
+        self.fake = fake or FakeProcesses()  # shared: a successor daemon sees the same processes
         self.fake.on_started = self._started
         self.ready_when: Callable[[FakeProcess], bool] = lambda proc: True  # reports ready at once
         self.herd = Herd(load_config(self.path), self.fake, state_path=tmp_dir / "state.json")

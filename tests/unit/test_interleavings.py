@@ -13,6 +13,7 @@ import shutil
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,7 @@ def tmp_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run(tmp_dir: Path, scenario: Scenario, **settings: object) -> FakeHerd:
+def run(tmp_dir: Path, scenario: Scenario, **settings: Any) -> FakeHerd:
     fh: list[FakeHerd] = []
 
     async def main() -> None:

@@ -203,10 +203,46 @@ class Control:
         attempts = self._int_field(conn, msg, "max_attempts", self.daemon.config.max_start_attempts, (1, 100))
         if attempts is None:
             return
-        suspended = isinstance(msg.data, dict) and msg.data.get("suspended") is True
+        data = msg.data if isinstance(msg.data, dict) else {}
+        suspended = data.get("suspended") is True
+        if msg.type == "restart" and data.get("upgrade") is True:
+            await self.answer_deploy(
+                conn,
+                request_id,
+                msg.type,
+                lambda progress: self._upgrade(conn, request_id, attempts, suspended, progress),
+            )
+            return
+        await self.answer_deploy(
+            conn, request_id, msg.type, lambda progress: run(attempts, progress, suspended=suspended)
+        )
+
+    async def _upgrade(
+        self, conn: Connection, request_id: int | str, attempts: int, suspended: bool, progress: Progress
+    ) -> None:
+        """``restart --upgrade``: re-exec a newer installed sockherd in place, or, with the
+        same version installed, reload the config and restart (the command means the same)."""
+        daemon = self.daemon
+        if await daemon.upgrade(attempts, progress, suspended=suspended, conn=conn, request_id=request_id):
+            return  # unreachable: the new image answers
+        progress(f"sockherd {__version__} is the installed version: reloading the config and restarting")
+        plan = await daemon.ops.reload(progress)
+        if not (plan.restart and daemon.herd.running):
+            await daemon.ops.restart(attempts, progress, suspended=suspended)
+
+    async def answer_deploy(
+        self,
+        conn: Connection,
+        request_id: int | str,
+        name: str,
+        run: Callable[[Progress], Awaitable[Any]],
+        *,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Run a start or restart for a client, streaming progress, and answer it."""
         try:
-            result = await run(attempts, self._streaming(conn, request_id), suspended=suspended)
-        except (Busy, ShuttingDown) as exc:
+            result = await run(self._streaming(conn, request_id))
+        except (Busy, ShuttingDown, ConfigError) as exc:
             conn.reply(request_id, errors=[str(exc)])
         except DeployFailed as exc:
             conn.reply(request_id, {"output": exc.output}, errors=[exc.reason])
@@ -214,9 +250,9 @@ class Control:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
-            conn.reply(request_id, errors=[f"{msg.type} interrupted by a stop"])
+            conn.reply(request_id, errors=[f"{name} interrupted by a stop"])
         else:
-            conn.reply(request_id, {"result": result, "status": self.daemon.status()})
+            conn.reply(request_id, {"result": result, "status": self.daemon.status(), **(extra or {})})
 
     async def _start(self, conn: Connection, msg: Message) -> None:
         await self._deploy(conn, msg, self.daemon.ops.start)

@@ -113,6 +113,17 @@ class Healer:
             timer.cancel()
         self._age_timers.clear()
 
+    def resume(self) -> None:
+        """Healing was stopped for an upgrade whose exec failed: take up the work again."""
+        herd = self.herd
+        for index, worker in list(herd.slots.items()):
+            if not worker.alive:
+                self._start_replacement(index, worker, Generation.of(worker))
+            else:
+                self._schedule_max_age(worker)
+        if herd.current is not None:
+            self.after_adoption([])
+
     async def stop_refill(self) -> None:
         """Cancel a standby refill in progress (set-standby takes over the pool)."""
         if self._refill is not None:
@@ -161,8 +172,7 @@ class Healer:
             self.refill_standbys()
             return
         log.warning("%s crashed (%s); replacing it", worker.label, describe_exit(code))
-        if health.replacement is None:
-            health.replacement = asyncio.create_task(self._respawn(index, worker), name=f"replace slot {index}")
+        self._start_replacement(index, worker, Generation.of(worker))
 
     def _ready_standby(self, generation: int) -> Worker | None:
         ready = [w for w in self.herd.standbys(generation) if w.online_at is not None and w.broken_reason is None]
@@ -176,8 +186,31 @@ class Healer:
             standby.resume()  # before the rename: nothing waits on a held request
         self.herd.publish(index, standby)
 
-    async def _respawn(self, index: int, dead: Worker) -> None:
-        """Respawn a crashed slot with the dead worker's own spec, backing off on loops."""
+    def after_adoption(self, broken: list[Worker]) -> None:
+        """An adopted herd: fill the slots whose workers died with the daemon away,
+        refill the standbys, replace broken workers, arm the recycling timers."""
+        herd = self.herd
+        if not herd.running or herd.current is None:
+            return
+        for index in range(herd.target_workers):
+            if index not in herd.slots:
+                log.warning("slot %d has no live worker after adoption; starting one", index)
+                self._start_replacement(index, None, herd.current)
+        for index, worker in herd.slots.items():
+            self.health.setdefault(index, SlotHealth())
+            self._schedule_max_age(worker)
+        for worker in broken:
+            self.replace_live(worker, f"reported broken: {worker.broken_reason}")
+        self.refill_standbys()
+        self._watch_memory()
+
+    def _start_replacement(self, index: int, dead: Worker | None, gen: Generation) -> None:
+        health = self.health.setdefault(index, SlotHealth())
+        if health.replacement is None:
+            health.replacement = asyncio.create_task(self._respawn(index, dead, gen), name=f"replace slot {index}")
+
+    async def _respawn(self, index: int, dead: Worker | None, gen: Generation) -> None:
+        """Respawn a crashed (or, after adoption, empty) slot with ``gen``'s spec, backing off on loops."""
         herd, health = self.herd, self.health[index]
         try:
             while herd.slots.get(index) is dead and herd.running:
@@ -191,7 +224,7 @@ class Healer:
                     health.next_attempt_at = None
                 try:
                     worker = await herd.start_worker(
-                        Generation.of(dead), index, suspended=herd.suspended, attempts=1, progress=log.warning
+                        gen, index, suspended=herd.suspended, attempts=1, progress=log.warning
                     )
                 except StartError:
                     health.consecutive += 1
@@ -240,6 +273,8 @@ class Healer:
         """
         herd = self.herd
         vacant = sorted(i for i, w in herd.slots.items() if not w.alive and w.generation == worker.generation)
+        if herd.current is not None and worker.generation == herd.current.number:  # empty after adoption
+            vacant += [i for i in range(herd.target_workers) if i not in herd.slots]
         if not vacant or not herd.running or not worker.alive:
             return False
         log.info("%s fills vacant slot %d", worker.label, vacant[0])

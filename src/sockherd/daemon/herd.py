@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 from sockherd import __version__
-from sockherd.config import Config, Timeouts
+from sockherd.config import Config, Timeouts, WorkerSpec
 from sockherd.daemon.coordinator import Coordinator
 from sockherd.daemon.desired import Desired
 from sockherd.daemon.healing import Healer
@@ -39,7 +39,7 @@ from sockherd.daemon.process import Generation, StartError, Worker, WorkerState
 from sockherd.daemon.processes import ProcessLayer
 from sockherd.daemon.publish import publish_symlink, unpublish_symlink
 from sockherd.daemon.reaper import process_start_time
-from sockherd.daemon.state_file import FORMAT, StateFile
+from sockherd.daemon.state_file import FORMAT, StateFile, spec_to_dict
 
 log = logging.getLogger("sockherd")
 
@@ -159,6 +159,10 @@ class Herd:
             "generations": {
                 "current": self.current.number if self.current else None,
                 "pending": self.pending.number if self.pending else None,
+                "last": self._numbers,
+                # What each generation still running runs: an adopting daemon respawns
+                # its crashed workers with exactly this.
+                "specs": {str(number): spec_to_dict(spec) for number, spec in self._live_specs().items()},
             },
             "workers": [
                 {
@@ -171,11 +175,22 @@ class Herd:
                     "state": str(w.state),
                     "generation": w.generation,
                     "suspended": w.suspended,
+                    "started_at": w.started_at,
+                    "online_at": w.online_at,
+                    "broken_reason": w.broken_reason,
+                    "restarts": w.restarts,
                 }
                 for w in self.workers.values()
             ],
             "slots": {str(i): w.id for i, w in sorted(self.slots.items())},
         }
+
+    def _live_specs(self) -> dict[int, WorkerSpec]:
+        specs = {w.generation: w.spec for w in self.workers.values()}
+        for gen in (self.current, self.pending):
+            if gen is not None:
+                specs[gen.number] = gen.spec
+        return specs
 
     def changed(self) -> None:
         if self._state is not None:
@@ -196,6 +211,12 @@ class Herd:
 
     # -- primitives --------------------------------------------------------------------
 
+    def restore_generations(self, last: int, current: Generation | None) -> None:
+        """Adoption: carry on numbering generations where the earlier daemon stopped."""
+        self._numbers = max(self._numbers, last)
+        self.current = current
+        self.changed()
+
     def begin_generation(self, target: Desired) -> Generation:
         """The next generation, pending until it is published."""
         self._numbers += 1
@@ -213,7 +234,9 @@ class Herd:
         self.current = gen
         self.changed()
 
-    def new_worker(self, gen: Generation, index: int | None, *, suspended: bool) -> Worker:
+    def new_worker(
+        self, gen: Generation, index: int | None, *, suspended: bool, worker_id: str | None = None
+    ) -> Worker:
         worker = Worker(
             config=self.config,
             spec=gen.spec,
@@ -226,6 +249,7 @@ class Herd:
             on_change=self.changed,
             restarts=self.healer.restarts(index),
             suspended=suspended or index is None,  # standbys always start suspended
+            worker_id=worker_id,
         )
         self.workers[worker.id] = worker
         self.changed()

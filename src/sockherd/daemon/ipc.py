@@ -74,6 +74,20 @@ class Connection:
     def close(self) -> None:
         self._writer.close()
 
+    def fileno(self) -> int:
+        """The connection's descriptor, for handing across exec (``restart --upgrade``)."""
+        fd: int = self._writer.get_extra_info("socket").fileno()
+        return fd
+
+    async def drained(self, seconds: float) -> bool:
+        """Wait until everything written so far has left for the peer (or ``seconds`` pass)."""
+        self._writer.transport.set_write_buffer_limits(high=0)  # drain() now waits for empty
+        try:
+            await asyncio.wait_for(self._writer.drain(), seconds)
+        except (TimeoutError, ConnectionError):
+            return False
+        return True
+
 
 MessageHandler = Callable[[Connection, Message], Awaitable[None]]
 
@@ -95,6 +109,10 @@ class IpcServer:
         self.connections: set[Connection] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
 
+    @property
+    def listening_socket(self) -> socket.socket | None:
+        return self._sock
+
     async def start(self) -> None:
         if self._sock is None:
             self._sock = bind_private_unix_socket(self.path)
@@ -112,7 +130,24 @@ class IpcServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def resume_connection(self, sock: socket.socket) -> Connection | None:
+        """A client's connection inherited across exec (``restart --upgrade``): it said
+        hello to the image before this one, and waits for the answer to its request."""
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=protocol.MAX_FRAME)
+        resumed: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+        asyncio.create_task(self._serve(reader, writer, role=protocol.ROLE_CLIENT, resumed=resumed))  # noqa: RUF006
+        return await resumed
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        role: str | None = None,
+        resumed: asyncio.Future[Connection | None] | None = None,
+    ) -> None:
+        if resumed is not None:  # whatever happens below, the caller gets an answer
+            self._resolve_on_exit(resumed)
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
@@ -132,7 +167,10 @@ class IpcServer:
             writer.close()
             return
         conn = Connection(writer, pid, uid)
+        conn.role = role
         self.connections.add(conn)
+        if resumed is not None and not resumed.done():
+            resumed.set_result(conn)
         try:
             await self._read_loop(reader, conn)
         except ProtocolError as exc:
@@ -143,6 +181,16 @@ class IpcServer:
             self.connections.discard(conn)
             self._on_disconnect(conn)
             writer.close()
+
+    @staticmethod
+    def _resolve_on_exit(resumed: asyncio.Future[Connection | None]) -> None:
+        def resolve(_: object) -> None:
+            if not resumed.done():
+                resumed.set_result(None)
+
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(resolve)
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: Connection) -> None:
         while (frame := await protocol.read_frame(reader)) is not None:

@@ -34,12 +34,24 @@ def parse_notify(payload: bytes) -> dict[str, str]:
 
 
 class NotifySocket:
-    def __init__(self, path: Path, on_notify: Callable[[int, dict[str, str]], None]) -> None:
+    def __init__(
+        self, path: Path, on_notify: Callable[[int, dict[str, str]], None], *, sock: socket.socket | None = None
+    ) -> None:
         self.path = path
         self._on_notify = on_notify
         self._sock: socket.socket | None = None
+        self._inherited = sock  # across an upgrade's exec: already bound, SO_PASSCRED set
+
+    @property
+    def datagram_socket(self) -> socket.socket | None:
+        return self._sock
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._inherited is not None:
+            self._sock, self._inherited = self._inherited, None
+            self._sock.setblocking(False)
+            loop.add_reader(self._sock.fileno(), self._read)
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sockherd.config import Config, load_config
@@ -116,6 +116,10 @@ class Operations:
         if plan.recycling:
             herd.healer.config_changed()
         return plan
+
+    async def adopted(self, finish: Callable[[], Awaitable[None]]) -> None:
+        """Finish an adoption (refill, retire leftovers) as one operation: nothing races it."""
+        await self._coordinator.run("adopt", finish)
 
     async def stop(self) -> None:
         """Unpublish, linger, then shut every worker down staged. Preempts any operation."""

@@ -25,7 +25,7 @@ import psutil
 from sockherd import protocol
 from sockherd.config import Config, Timeouts, WorkerSpec, render_command
 from sockherd.daemon.environment import worker_environment
-from sockherd.daemon.processes import Launch, LaunchFailed, ProcessHandle, ProcessLayer
+from sockherd.daemon.processes import EXIT_UNKNOWN, Launch, LaunchFailed, ProcessHandle, ProcessLayer
 
 log = logging.getLogger("sockherd")
 
@@ -79,8 +79,9 @@ class Worker:
         on_change: Callable[[], None] | None = None,
         restarts: int = 0,
         suspended: bool = False,
+        worker_id: str | None = None,
     ) -> None:
-        self.id = new_worker_id(index)
+        self.id = worker_id or new_worker_id(index)
         self.index = index
         self.suspended = suspended  # holds requests until resumed (deploys with migrations, standbys)
         self._resume_pending = False
@@ -170,6 +171,16 @@ class Worker:
             self._on_spawned(self)
         self._on_change()
         log.info("%s spawned (generation %d): %s", self.label, self.generation, " ".join(argv))
+
+    def adopt(self, process: ProcessHandle, state: WorkerState, started_at: float, online_at: float | None) -> None:
+        """Manage a process an earlier daemon started, as if this one had spawned it."""
+        self._process = process
+        self.pid, self.start_time = process.pid, process.start_time
+        self.state = state
+        self.started_at, self.online_at = started_at, online_at
+        if state not in (WorkerState.SPAWNING, WorkerState.RUNNING) and not self._online.done():
+            self._online.set_result(None)  # it reported ready to the earlier daemon
+        process.exited.add_done_callback(lambda done: self._on_exit(done.result()))
 
     # -- readiness ---------------------------------------------------------------------
 
@@ -344,6 +355,8 @@ class Worker:
 
 
 def describe_exit(code: int) -> str:
+    if code == EXIT_UNKNOWN:
+        return "an unknown status (adopted: not this daemon's child)"
     if code < 0:
         try:
             return f"signal {signal.Signals(-code).name}"

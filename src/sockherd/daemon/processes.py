@@ -34,12 +34,21 @@ from pathlib import Path
 from typing import Protocol
 
 from sockherd.daemon.environment import open_output
-from sockherd.daemon.reaper import Reaper, kill_process_group, process_start_time, send_signal
+from sockherd.daemon.reaper import (
+    Reaper,
+    kill_process_group,
+    process_is_zombie,
+    process_parent,
+    process_start_time,
+    send_signal,
+)
 
 log = logging.getLogger("sockherd")
 
 _PROBE_FIRST_DELAY = 0.005
 _PROBE_MAX_DELAY = 0.1
+# The exit of an adopted process that is not our child: its status is its parent's.
+EXIT_UNKNOWN = -1000
 
 
 class LaunchFailed(Exception):
@@ -95,6 +104,11 @@ class ProcessLayer(Protocol):
         """Return once something accepts connections on the UNIX socket at ``path``."""
         ...
 
+    def adopt(self, pid: int, start_time: int) -> ProcessHandle | None:
+        """Take over a running process started by an earlier daemon (or this one, before
+        an exec); None when ``pid`` is gone or now names another process."""
+        ...
+
 
 class _Ticket:
     """Shared by the loop and the Popen thread: who owns the process when it appears."""
@@ -135,6 +149,12 @@ class OsProcess:
         # Only while the leader is unreaped: its pid pins the group id against reuse.
         if not self.exited.done():
             kill_process_group(self.pid)
+
+    def _on_foreign_exit(self) -> None:
+        # Not our child: its parent (init, a subreaper) reaps it, maybe already. While
+        # any member of its group lives, the group id cannot be handed out again.
+        kill_process_group(self.pid)
+        self._on_reaped(EXIT_UNKNOWN)
 
 
 class OsProcesses:
@@ -222,6 +242,24 @@ class OsProcesses:
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.shield(reaped), spawn_timeout)
 
+    def adopt(self, pid: int, start_time: int) -> ProcessHandle | None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        # Checked after the pidfd is open: if the start time matches now, the pidfd
+        # refers to that very process, whatever happens to the pid number later.
+        ours = process_parent(pid) == os.getpid()  # still: this daemon re-executed itself
+        if process_start_time(pid) != start_time or (process_is_zombie(pid) and not ours):
+            os.close(pidfd)  # reused by another program, or dead (a zombie its parent did not reap)
+            return None
+        handle = OsProcess(pid, pidfd, start_time, asyncio.get_running_loop())
+        if ours:
+            self._reaper.watch_child(pid, handle._on_reaped)
+        else:
+            self._reaper.watch_foreign(pidfd, handle._on_foreign_exit)
+        return handle
+
     async def probe_socket(self, path: Path) -> None:
         delay = _PROBE_FIRST_DELAY
         while True:
@@ -292,6 +330,7 @@ def _close_all(fds: list[int | None]) -> None:
 
 
 __all__ = [
+    "EXIT_UNKNOWN",
     "Launch",
     "LaunchFailed",
     "OsProcess",

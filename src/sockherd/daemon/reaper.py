@@ -52,7 +52,7 @@ class Reaper:
         self._loop = loop
         self._callbacks: dict[int, ExitCallback] = {}
         self._unclaimed: OrderedDict[int, int] = OrderedDict()
-        self._pidfds: dict[int, int] = {}
+        self._pidfds: dict[int, int] = {}  # adopted processes' pidfds we watch (fd -> fd)
         self._holds = 0
         self.installed = False
 
@@ -64,8 +64,8 @@ class Reaper:
     def uninstall(self) -> None:
         self._loop.remove_signal_handler(signal.SIGCHLD)
         self.installed = False
-        for pid in list(self._pidfds):
-            self._close_pidfd(pid)
+        for pidfd in list(self._pidfds):
+            self.unwatch_foreign(pidfd)
 
     def hold_unknown(self) -> Hold:
         self._holds += 1
@@ -79,26 +79,24 @@ class Reaper:
         if self.installed:
             self._loop.call_soon(self.reap)  # it may have exited before we asked
 
-    def watch_foreign(self, pid: int, callback: ExitCallback) -> bool:
-        """Watch a process that is not our child; False if it is already gone."""
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return False
-        self._pidfds[pid] = fd
+    def watch_foreign(self, pidfd: int, callback: Callable[[], None]) -> None:
+        """Watch a process that is not our child (adopted): ``callback()`` once it exits.
+
+        Its exit status is its parent's to read, not ours. The caller owns ``pidfd`` and
+        closes it only after the callback (or after :meth:`unwatch_foreign`).
+        """
 
         def on_readable() -> None:
-            self._close_pidfd(pid)
-            callback(0)  # the exit status of a non-child is not ours to read
+            self._loop.remove_reader(pidfd)
+            self._pidfds.pop(pidfd, None)
+            callback()
 
-        self._loop.add_reader(fd, on_readable)
-        return True
+        self._pidfds[pidfd] = pidfd
+        self._loop.add_reader(pidfd, on_readable)
 
-    def _close_pidfd(self, pid: int) -> None:
-        fd = self._pidfds.pop(pid, None)
-        if fd is not None:
-            self._loop.remove_reader(fd)
-            os.close(fd)
+    def unwatch_foreign(self, pidfd: int) -> None:
+        if self._pidfds.pop(pidfd, None) is not None:
+            self._loop.remove_reader(pidfd)
 
     def reap(self) -> None:
         while True:  # the common case: each exited child in turn, one syscall each
@@ -165,19 +163,36 @@ def kill_process_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def process_start_time(pid: int) -> int | None:
-    """When the kernel started ``pid``, in clock ticks since boot (None: no such process).
-
-    A pid can be reused; a pid together with its start time names one process for good.
-    """
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 on (the command name, field 2, may hold anything)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the kernel started ``pid``, in clock ticks since boot (None: no such process).
+
+    A pid can be reused; a pid together with its start time names one process for good.
+    """
+    fields = _stat_fields(pid)
     try:
-        return int(fields[19])  # field 22 of proc(5), the 20th after the name
+        return int(fields[19]) if fields else None  # field 22 of proc(5)
+    except (IndexError, ValueError):
+        return None
+
+
+def process_is_zombie(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[:1] == [b"Z"]  # field 3 of proc(5): the state
+
+
+def process_parent(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[1]) if fields else None  # field 4 of proc(5)
     except (IndexError, ValueError):
         return None

@@ -18,11 +18,13 @@ import logging
 import os
 import re
 import secrets
+import signal
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sockherd.config import WorkerSpec
 from sockherd.daemon.reaper import process_start_time
 
 log = logging.getLogger("sockherd")
@@ -117,3 +119,41 @@ def live_workers(state: dict[str, Any]) -> list[dict[str, Any]]:
 def daemon_alive(state: dict[str, Any]) -> bool:
     daemon = state.get("daemon")
     return isinstance(daemon, dict) and is_same_process(daemon.get("pid"), daemon.get("start_time"))
+
+
+def spec_to_dict(spec: WorkerSpec) -> dict[str, Any]:
+    """A generation's spec, so an adopting daemon respawns its workers exactly as they were."""
+    return {
+        "command": list(spec.command),
+        "cwd": str(spec.cwd),
+        "env": list(spec.env),
+        "environment": [list(pair) for pair in spec.environment],
+        "ready": spec.ready,
+        "stdout": str(spec.stdout) if spec.stdout else None,
+        "stderr": str(spec.stderr) if spec.stderr else None,
+        "stop_signal": spec.stop_signal.name,
+        "socket_mode": spec.socket_mode,
+        "backlog": spec.backlog,
+    }
+
+
+def spec_from_dict(data: Any) -> WorkerSpec:
+    """The inverse of :func:`spec_to_dict`; ValueError when the file does not hold one."""
+    try:
+        ready = data["ready"]
+        if ready not in ("notify", "socket"):
+            raise ValueError(f"ready {ready!r}")
+        return WorkerSpec(
+            command=tuple(str(a) for a in data["command"]),
+            cwd=Path(data["cwd"]),
+            env=tuple(str(n) for n in data["env"]),
+            environment=tuple((str(k), str(v)) for k, v in data["environment"]),
+            ready=ready,
+            stdout=Path(data["stdout"]) if data["stdout"] else None,
+            stderr=Path(data["stderr"]) if data["stderr"] else None,
+            stop_signal=signal.Signals[data["stop_signal"]],
+            socket_mode=int(data["socket_mode"]),
+            backlog=int(data["backlog"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a worker spec: {exc}") from None

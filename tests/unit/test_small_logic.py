@@ -77,6 +77,14 @@ def test_init_writes_a_config_that_loads(tmp_path: Path) -> None:
     assert config.workers == 2
 
 
+def test_the_systemd_unit_lets_workers_outlive_a_crashed_daemon_for_adoption(tmp_path: Path) -> None:
+    from sockherd.init import systemd_unit
+
+    unit = systemd_unit("shop", tmp_path, "/srv/shop/venv/bin/sockherd")
+    assert "\nKillMode=process\n" in unit  # a crash leaves the workers to the next daemon
+    assert "\nRestart=on-failure\n" in unit  # every crash, never a clean terminate
+
+
 def test_environment_allow_list(tmp_path: Path) -> None:
     from sockherd.config import load_config
 

@@ -269,8 +269,10 @@ class Daemon:
         async def work() -> None:
             healer = self.herd.healer
             await healer.stop()  # nothing half-started may cross the exec
+            if not self.herd.flush_state():  # the new image would not know its workers
+                healer.resume()
+                raise DeployFailed(f"upgrade refused: cannot write {self.config.state_path} (see the log)")
             progress(f"upgrading the daemon in place: sockherd {__version__} -> {installed} (pid {os.getpid()})")
-            self.herd.flush_state()
             await conn.drained(2.0)
             listener, notify = self.ipc.listening_socket, self.notify.datagram_socket
             assert listener is not None and notify is not None

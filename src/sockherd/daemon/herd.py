@@ -196,9 +196,8 @@ class Herd:
         if self._state is not None:
             self._state.changed()
 
-    def flush_state(self) -> None:
-        if self._state is not None:
-            self._state.flush()
+    def flush_state(self) -> bool:
+        return self._state.flush() if self._state is not None else False
 
     def close_state(self) -> None:
         """The daemon leaves: with no worker left there is nothing to tell anyone, so no file."""

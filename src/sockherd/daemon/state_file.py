@@ -71,7 +71,8 @@ class StateFile:
             return
         self._scheduled = True
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write now; False (logged once) when the file cannot be written."""
         self._scheduled = False
         try:
             write_atomically(self.path, json.dumps(self._snapshot(), indent=1).encode())
@@ -79,8 +80,9 @@ class StateFile:
             if not self._failed:  # once, not on every change
                 log.error("cannot write the state file %s: %s", self.path, exc.strerror or exc)
             self._failed = True
-        else:
-            self._failed = False
+            return False
+        self._failed = False
+        return True
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -77,9 +77,26 @@ def reply(request_id: int | str, data: Any = None, *, errors: list[str] | None =
     return encode(frame)
 
 
+MAX_ID_LENGTH = 128  # characters of a string id
+MAX_INT_ID = (1 << 53) - 1  # what every JSON implementation represents exactly
+
+
 def _valid_id(value: Any) -> bool:
-    # bool is an int subclass; an id of `true` is almost certainly a bug in the peer.
-    return isinstance(value, str | int) and not isinstance(value, bool)
+    """An id the daemon can always echo back: checked at the door, so that no reply (and
+    no operation waiting to send one) can fail on it halfway."""
+    if isinstance(value, bool):  # an int subclass; `true` as an id is a bug in the peer
+        return False
+    if isinstance(value, int):
+        return -MAX_INT_ID <= value <= MAX_INT_ID
+    if isinstance(value, str):
+        if len(value) > MAX_ID_LENGTH:
+            return False
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate, "\ud800": JSON allows it, UTF-8 does not
+            return False
+        return True
+    return False
 
 
 def decode(line: bytes) -> Message:
@@ -88,7 +105,7 @@ def decode(line: bytes) -> Message:
         raise ProtocolError(f"frame of {len(line)} bytes is over the {MAX_FRAME}-byte limit")
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, a 5000-digit number
         raise ProtocolError(f"frame is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame is a JSON {type(obj).__name__}, not an object")
@@ -97,7 +114,9 @@ def decode(line: bytes) -> Message:
         raise ProtocolError("frame has no string 'type'")
     msg_id = obj.get("id")
     if msg_id is not None and not _valid_id(msg_id):
-        raise ProtocolError("'id' must be a string or an integer")
+        raise ProtocolError(
+            f"'id' must be an integer of at most 53 bits or a UTF-8 string of at most {MAX_ID_LENGTH} characters"
+        )
     if kind != "reply":
         return Message(kind, obj.get("data"), msg_id, raw=obj)
     request_id = obj.get("request_id")

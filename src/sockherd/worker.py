@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from sockherd._nofollow import chmod_socket
 from sockherd._worker_ipc import IpcLink
 from sockherd._worker_state import DEFAULT_SOCKET_MODE as _DEFAULT_SOCKET_MODE
 from sockherd._worker_state import Environment, Resumed, ResumeState, hook_name, read_environment, run_blocking
@@ -345,7 +346,7 @@ def bind_socket() -> socket.socket:
                     os.umask(old)
         else:
             _bind(sock, path)
-        os.chmod(path, mode)
+        chmod_socket(path, mode)  # never through a symlink swapped in since the bind
         sock.listen(_env.backlog)
     except BaseException:
         sock.close()

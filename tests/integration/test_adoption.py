@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -134,9 +135,15 @@ def test_sigkill_in_the_middle_of_a_restart_leaves_one_generation(start_daemon: 
         wait_for(lambda: len(recorded_pids(first)) == 4, 10, "the state file to name all four")
     second = successor(start_daemon, first, settings)
     restart.communicate(timeout=10)
-    # Recorded by then (adopted, then retired) or not yet (killed as strays): either way
-    # only the published generation is left, and all of it is managed.
-    second.wait_log(r"adopted 2 worker\(s\); killed 2 stray|adopted 4 worker\(s\); 2 to retire")
+    # Each new worker recorded by then (adopted, then retired) or not yet (killed as a
+    # stray): either way only the published generation is left, all of it managed.
+    line = second.wait_log(r"adopting from daemon .*: adopted (\d) worker\(s\)(.*)")
+    adopted, rest = int(line[1]), line[2]
+    retired = int(m[1]) if (m := re.search(r"(\d) to retire", rest)) else 0
+    strays = int(m[1]) if (m := re.search(r"killed (\d) stray", rest)) else 0
+    assert adopted - retired == 2 and retired + strays == 2, line.string
+    if recorded:
+        assert (adopted, retired, strays) == (4, 2, 0), line.string
     wait_for(lambda: app_pids(second) == old, 15, "only the published generation to be left")
     status = second.wait_ready(2)
     assert {w["pid"] for w in status["workers"]} == old

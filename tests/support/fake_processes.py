@@ -95,6 +95,9 @@ class FakeProcesses:
     async def probe_socket(self, path: Path) -> None:
         return None
 
+    def set_socket_mode(self, path: Path, mode: int) -> None:
+        pass  # fake workers have no socket
+
     def adopt(self, pid: int, start_time: int) -> FakeProcess | None:
         """A process a previous (fake) daemon started, if it still runs as recorded."""
         proc = next((p for p in self.processes if p.pid == pid), None)

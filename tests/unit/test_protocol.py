@@ -54,6 +54,10 @@ def test_arbitrary_bytes_decode_or_raise_protocol_error(junk: bytes) -> None:
         (b'{"type": ""}', "no string 'type'"),
         (b'{"type": "x", "id": true}', "'id' must be"),
         (b'{"type": "x", "id": [1]}', "'id' must be"),
+        (b'{"type": "x", "id": "\\ud800"}', "'id' must be"),  # a lone surrogate: no UTF-8 for it
+        (b'{"type": "x", "id": "' + b"x" * 129 + b'"}', "'id' must be"),
+        (b'{"type": "x", "id": ' + str(1 << 53).encode() + b"}", "'id' must be"),
+        (b'{"type": "x", "id": ' + b"9" * 5000 + b"}", "not JSON"),  # Python's int digit limit
         (b'{"type": "reply"}', "request_id"),
         (b'{"type": "reply", "request_id": 1, "errors": "no"}', "errors"),
         (b'{"type": "reply", "request_id": 1, "done": "yes"}', "done"),
@@ -64,6 +68,13 @@ def test_arbitrary_bytes_decode_or_raise_protocol_error(junk: bytes) -> None:
 def test_invalid_frames_are_named(frame: bytes, error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
         protocol.decode(frame)
+
+
+def test_every_accepted_id_can_be_echoed_in_a_reply() -> None:
+    for good in (0, -((1 << 53) - 1), (1 << 53) - 1, "", "x" * 128, "é-☃"):
+        msg = protocol.decode(protocol.message("status", id=good))
+        assert msg.id is not None
+        assert protocol.decode(protocol.reply(msg.id, {"ok": True})).request_id == good
 
 
 def test_oversized_messages_are_refused_both_ways() -> None:

@@ -25,6 +25,7 @@ from sockherd.daemon.adoption import Adoption, StateUnusable, adopt
 from sockherd.daemon.control import Control, log_progress
 from sockherd.daemon.coordinator import Busy, ShuttingDown
 from sockherd.daemon.devserver import DevServer
+from sockherd.daemon.hardening import is_dumpable, make_undumpable, raise_fd_limit
 from sockherd.daemon.herd import DeployFailed, Herd
 from sockherd.daemon.ipc import Connection, IpcServer
 from sockherd.daemon.notify import NotifySocket
@@ -193,6 +194,8 @@ class Daemon:
 
     async def run(self) -> int:
         self._prepare()
+        make_undumpable()
+        raise_fd_limit()
         _set_title(f"sockherd daemon: {self.config.name} [{self.config.tmp_dir}]")
         reset_signal_dispositions()
         adoption = self._adopt_previous()  # before the reaper: a re-exec's dead children wait as zombies
@@ -453,6 +456,7 @@ class Daemon:
                 "strategy": self.config.strategy,
                 "operation": herd.operation,
                 "dev_server": self.dev_server.port if self.dev_server else None,
+                "dumpable": is_dumpable(),
             },
             "workers": herd.status(),
             "slots": herd.healer.slot_status(),

@@ -15,6 +15,7 @@ from sockherd.daemon.desired import Desired
 from sockherd.daemon.environment import output_tail
 from sockherd.daemon.herd import DeployFailed, Herd, Progress
 from sockherd.daemon.process import Generation, StartError, Worker
+from sockherd.daemon.publish import slot_obstacle
 
 log = logging.getLogger("sockherd")
 
@@ -61,15 +62,35 @@ async def _start_together(
     return started
 
 
+def _check_slots(herd: Herd, indexes: range) -> None:
+    """Refuse before anything starts if a slot's name cannot take a symlink."""
+    for index in indexes:
+        if (obstacle := slot_obstacle(herd.config.symlink_path(index))) is not None:
+            raise DeployFailed(obstacle)
+
+
+def _publish_all(herd: Herd, started: list[Worker]) -> None:
+    try:
+        for worker in started:
+            if worker.index is not None:
+                herd.publish(worker.index, worker)
+    except OSError as exc:  # planted since the check, or tmp_dir gone: never an unhandled error
+        raise DeployFailed(f"cannot publish: {exc.strerror or exc} ({exc.filename})") from None
+
+
 async def _deploy_atomic(herd: Herd, gen: Generation, target: Desired, attempts: int, progress: Progress) -> None:
     count, standby = target.workers, target.standby
+    _check_slots(herd, range(count))
     progress(f"starting generation {gen.number}: {count} worker(s)" + (f" + {standby} standby" if standby else ""))
     indexes: list[int | None] = [*range(count), *([None] * standby)]
     started = await _start_together(herd, gen, indexes, attempts, progress, suspended=target.suspended)
     old = [w for w in herd.workers.values() if w.generation != gen.number]
-    for worker in started:
-        if worker.index is not None:
-            herd.publish(worker.index, worker)
+    try:
+        _publish_all(herd, started)
+    except DeployFailed:
+        await asyncio.gather(*(w.stop() for w in started if w not in herd.slots.values()))
+        raise
+    herd.flush_state()  # the swap is the moment a successor must know about
     for index in [i for i in herd.slots if i >= count]:  # fewer workers than before
         herd.unpublish(index)
     herd.make_current(gen)
@@ -80,6 +101,7 @@ async def _deploy_atomic(herd: Herd, gen: Generation, target: Desired, attempts:
 
 async def _deploy_rolling(herd: Herd, gen: Generation, target: Desired, attempts: int, progress: Progress) -> None:
     old_gen = herd.current
+    _check_slots(herd, range(target.workers))
     progress(f"rolling generation {gen.number} over {target.workers} slot(s)")
     done: list[int] = []
     for index in range(target.workers):
@@ -129,12 +151,15 @@ async def scale_workers(herd: Herd, count: int, attempts: int, progress: Progres
     if gen is None:
         return
     if count > before:
-        progress(f"starting worker(s) {before}..{count - 1}")
         new = [i for i in range(count) if i not in herd.slots]
+        _check_slots(herd, range(before, count))
+        progress(f"starting worker(s) {before}..{count - 1}")
         started = await _start_together(herd, gen, list(new), attempts, progress, suspended=herd.suspended)
-        for worker in started:
-            assert worker.index is not None
-            herd.publish(worker.index, worker)
+        try:
+            _publish_all(herd, started)
+        except DeployFailed:
+            await asyncio.gather(*(w.stop() for w in started if w not in herd.slots.values()))
+            raise
     elif count < before:
         victims = [w for i in sorted(herd.slots, reverse=True) if i >= count and (w := herd.unpublish(i))]
         progress(f"unpublished {len(victims)} slot(s); stopping their workers")

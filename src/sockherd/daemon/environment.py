@@ -8,7 +8,9 @@ the worker directly, so a dead daemon never breaks a worker's writes.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,7 +77,13 @@ def output_tail(spec: WorkerSpec, lines: int = 10) -> list[str]:
 
 
 def open_output(path: Path | None) -> int | None:
-    # O_APPEND and handed straight to the worker: a dead daemon never breaks its writes.
+    """A worker's log file, opened O_APPEND and handed straight to the worker (a dead
+    daemon never breaks its writes). Never through a symlink, and only a regular file:
+    a daemon running as root must not append where a planted link points."""
     if path is None:
         return None
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd

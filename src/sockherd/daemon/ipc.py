@@ -20,13 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from sockherd import protocol
+from sockherd._nofollow import chmod_socket
 from sockherd.protocol import Message, ProtocolError
 
 log = logging.getLogger("sockherd")
 
-MAX_CONNECTIONS = 256  # x MAX_FRAME bounds what readers can buffer
+MAX_CONNECTIONS = 1024
+# Held back for root when another uid (the daemon's own) floods: `sudo sockherd status`
+# always gets in.
+ROOT_RESERVE = 128
+# Connections that have not said hello yet, per uid: past this, the oldest is dropped
+# (never the newcomer, who will most likely say hello at once). This, times MAX_FRAME,
+# bounds what an unauthenticated flood can make the daemon buffer.
+MAX_PENDING_PER_UID = 32
+HELLO_TIMEOUT = 5.0  # seconds from accept to a hello
+HELLO_GRACE = 1.0  # a connection silent for less is never dropped to make room
 MAX_INFLIGHT_PER_CONNECTION = 32
-MAX_UNREAD_REPLY_BYTES = 8 << 20
+MAX_UNREAD_REPLY_BYTES = 256 << 10  # plus one frame: what a peer that stops reading can pin
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -45,6 +55,7 @@ class Connection:
         self.uid = uid
         self.role: str | None = None
         self.worker_id: str | None = None
+        self.opened_at = asyncio.get_running_loop().time()
         self.tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -59,20 +70,30 @@ class Connection:
             return
         if self._writer.transport.get_write_buffer_size() > MAX_UNREAD_REPLY_BYTES:
             log.warning("IPC: pid %d does not read its replies; dropping the connection", self.pid)
-            self.close()
+            self.abort()
             return
         self._writer.write(frame)
 
     def reply(
         self, request_id: int | str, data: Any = None, *, errors: list[str] | None = None, done: bool = True
     ) -> None:
+        """Never raises: an operation must not stop halfway because its answer cannot be sent."""
         try:
-            self.send(protocol.reply(request_id, data, errors=errors, done=done))
+            frame = protocol.reply(request_id, data, errors=errors, done=done)
         except ProtocolError as exc:  # a reply too large to frame: say so instead
-            self.send(protocol.reply(request_id, errors=[str(exc)]))
+            frame = protocol.reply(request_id, errors=[str(exc)])
+        except Exception:
+            log.exception("IPC: cannot encode a reply for pid %d; dropping the connection", self.pid)
+            self.abort()
+            return
+        self.send(frame)
 
     def close(self) -> None:
         self._writer.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, with whatever it had buffered (a peer that stopped reading)."""
+        self._writer.transport.abort()
 
     def fileno(self) -> int:
         """The connection's descriptor, for handing across exec (``restart --upgrade``)."""
@@ -162,9 +183,8 @@ class IpcServer:
             log.warning("IPC: refused a connection from uid %d (pid %d): not this daemon's user", uid, pid)
             writer.close()
             return
-        if len(self.connections) >= MAX_CONNECTIONS:
-            log.warning("IPC: %d connections open; refusing pid %d", len(self.connections), pid)
-            writer.close()
+        if not self._admit(uid, pid):
+            writer.transport.abort()
             return
         conn = Connection(writer, pid, uid)
         conn.role = role
@@ -182,6 +202,40 @@ class IpcServer:
             self._on_disconnect(conn)
             writer.close()
 
+    def _admit(self, uid: int, pid: int) -> bool:
+        """Room for one more connection from ``uid``? May drop silent ones to make it.
+
+        At the limits, the oldest connection that has not said hello makes room (a
+        flood of idle connections never locks a real client out). Below them, a uid
+        keeps at most MAX_PENDING_PER_UID connections that have been silent for longer
+        than HELLO_GRACE: a herd of workers connecting at once says hello within
+        milliseconds and is never thinned.
+        """
+        now = asyncio.get_running_loop().time()
+        silent = sorted((c for c in self.connections if c.role is None), key=lambda c: c.opened_at)
+        mine = [c for c in self.connections if c.uid == uid]
+        if len(self.connections) >= MAX_CONNECTIONS or (uid != 0 and len(mine) >= MAX_CONNECTIONS - ROOT_RESERVE):
+            victims = [c for c in silent if uid in (0, c.uid)]
+            if not victims:
+                log.warning(
+                    "IPC: %d connections open (%d of uid %d); refusing pid %d",
+                    len(self.connections),
+                    len(mine),
+                    uid,
+                    pid,
+                )
+                return False
+            self._drop(victims[0], "to make room")
+        stale = [c for c in silent if c.uid == uid and now - c.opened_at > HELLO_GRACE and c in self.connections]
+        if len(stale) >= MAX_PENDING_PER_UID:
+            self._drop(stale[0], f"{len(stale)} of uid {uid} silent for over {HELLO_GRACE:g}s")
+        return True
+
+    def _drop(self, conn: Connection, why: str) -> None:
+        log.warning("IPC: dropping a silent connection of pid %d (%s)", conn.pid, why)
+        conn.abort()
+        self.connections.discard(conn)
+
     @staticmethod
     def _resolve_on_exit(resumed: asyncio.Future[Connection | None]) -> None:
         def resolve(_: object) -> None:
@@ -193,7 +247,7 @@ class IpcServer:
             task.add_done_callback(resolve)
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: Connection) -> None:
-        while (frame := await protocol.read_frame(reader)) is not None:
+        while (frame := await self._next_frame(reader, conn)) is not None:
             msg = protocol.decode(frame)
             if conn.role is None or msg.id is None:
                 # hello and one-way messages are handled in order, before the next frame
@@ -204,6 +258,20 @@ class IpcServer:
             task = asyncio.create_task(self._handle(conn, msg))
             conn.tasks.add(task)
             task.add_done_callback(conn.tasks.discard)
+            # Let it start before the next frame is read: a quick request (status) is done
+            # by then, so only requests really in progress count against the cap, and a
+            # client that pipelines many small ones is not cut off for it.
+            await asyncio.sleep(0)
+
+    @staticmethod
+    async def _next_frame(reader: asyncio.StreamReader, conn: Connection) -> bytes | None:
+        if conn.role is not None:
+            return await protocol.read_frame(reader)
+        try:
+            async with asyncio.timeout_at(conn.opened_at + HELLO_TIMEOUT):
+                return await protocol.read_frame(reader)
+        except TimeoutError:
+            raise ProtocolError(f"no hello within {HELLO_TIMEOUT:g}s") from None
 
     async def _handle(self, conn: Connection, msg: Message) -> None:
         try:
@@ -227,7 +295,7 @@ def bind_private_unix_socket(path: Path) -> socket.socket:
         raise
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    chmod_socket(path, 0o600)
     sock.listen(128)
     sock.setblocking(False)
     return sock

@@ -204,8 +204,14 @@ class Worker:
             what = "report ready" if not self._online.done() else "accept connections on its socket"
             await self.kill()
             raise StartError(self, f"did not {what} within online_timeout ({self.timeouts.online}s)") from None
-        with contextlib.suppress(OSError):
-            os.chmod(self.socket_path, self.spec.socket_mode)  # whatever mode the server chose
+        except OSError as exc:  # the probe met something else than a socket (a planted link, a loop)
+            await self.kill()
+            raise StartError(self, f"cannot connect to its socket {self.socket_path}: {exc.strerror or exc}") from None
+        try:
+            self._processes.set_socket_mode(self.socket_path, self.spec.socket_mode)  # whatever the server chose
+        except OSError as exc:
+            await self.kill()
+            raise StartError(self, f"its socket {self.socket_path} cannot be made ready for nginx: {exc}") from None
         if self.broken_reason is not None:
             await self.kill()
             raise StartError(self, f"reported itself broken before it was published: {self.broken_reason}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from sockherd._nofollow import chmod_socket
 from sockherd.daemon.environment import open_output
 from sockherd.daemon.reaper import (
     Reaper,
@@ -109,6 +111,10 @@ class ProcessLayer(Protocol):
         an exec); None when ``pid`` is gone or now names another process."""
         ...
 
+    def set_socket_mode(self, path: Path, mode: int) -> None:
+        """Give a worker's socket ``mode`` (OSError if it is not a socket: never followed)."""
+        ...
+
 
 class _Ticket:
     """Shared by the loop and the Popen thread: who owns the process when it appears."""
@@ -172,7 +178,8 @@ class OsProcesses:
                 outputs.append(open_output(path))
             except OSError as exc:
                 _close_all(outputs)
-                raise LaunchFailed(f"cannot open its log file {path}: {exc.strerror}") from None
+                why = "it is a symlink (never followed)" if exc.errno == errno.ELOOP else exc.strerror
+                raise LaunchFailed(f"cannot open its log file {path}: {why}") from None
         ticket = _Ticket()
         picked_up: asyncio.Future[None] = loop.create_future()
         hold = self._reaper.hold_unknown()  # our child must not be reaped before we know its pid
@@ -259,6 +266,9 @@ class OsProcesses:
         else:
             self._reaper.watch_foreign(pidfd, handle._on_foreign_exit)
         return handle
+
+    def set_socket_mode(self, path: Path, mode: int) -> None:
+        chmod_socket(path, mode)
 
     async def probe_socket(self, path: Path) -> None:
         delay = _PROBE_FIRST_DELAY

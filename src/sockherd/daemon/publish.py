@@ -45,6 +45,18 @@ def publish_symlink(link: Path, target: Path, *, relative: bool = True) -> None:
         raise
 
 
+def slot_obstacle(link: Path) -> str | None:
+    """What stands at a slot's name that is not a symlink (so no rename can replace it)."""
+    try:
+        mode = os.lstat(link).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a file"
+    return f"{link} is {kind}, not a symlink sockherd made; remove it to publish slot {link.name}"
+
+
 def unpublish_symlink(link: Path) -> None:
     """Remove a published symlink (scale-down, stop, quit). Never follows it."""
     with contextlib.suppress(FileNotFoundError):
@@ -59,6 +71,13 @@ def published_target(link: Path) -> Path | None:
     except OSError:
         return None
     return link.parent / pointee
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def socket_is_live(path: Path, timeout: float = 0.5) -> bool:
@@ -131,7 +150,9 @@ def sweep_tmp_dir(
             dead = True
         elif stat.S_ISLNK(mode) and names.is_symlink_name(name):
             target = published_target(path)
-            dead = target is None or target.parent != tmp_dir or not socket_is_live(target)
+            # Only one hop, to a socket of ours: a chain (app.5.sock -> app.5-c0ffee.sock
+            # -> /elsewhere) is not something sockherd made, whatever accepts at its end.
+            dead = target is None or target.parent != tmp_dir or not _is_socket(target) or not socket_is_live(target)
         elif stat.S_ISSOCK(mode) and (names.is_worker_socket_name(name) or name in extra):
             dead = not socket_is_live(path)
         elif stat.S_ISREG(mode) and state_file is not None and is_temp_of(name, state_file):
@@ -154,23 +175,58 @@ class TmpDirError(Exception):
 def prepare_tmp_dir(tmp_dir: Path) -> None:
     """Create tmp_dir if needed and refuse one that others could tamper with.
 
-    The IPC socket and the worker sockets live here; a directory writable by other
-    users would let them plant symlinks where sockets go. Group-writable is allowed
-    (the documented setup gives nginx's group access with a setgid directory).
+    The IPC socket, the worker sockets and the published symlinks live here, and the
+    daemon often runs as root. Whoever can write to tmp_dir, or to any directory above
+    it, can swap a socket for a symlink, or the whole directory for one of their own,
+    and receive nginx's requests. So, as OpenSSH's ``StrictModes`` does: tmp_dir itself
+    must not be a symlink (it could be repointed later), must belong to this user or
+    root and be writable by no one else (nginx's group needs only ``r-x``: mode 2750);
+    every directory above it must belong to root or this user and be writable by no one
+    else unless sticky (as /tmp is).
     """
+    uid = os.getuid()
     try:
         tmp_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     except OSError as exc:
         raise TmpDirError(f"tmp_dir {tmp_dir}: cannot create it: {exc.strerror}") from None
     st = os.lstat(tmp_dir)
     if stat.S_ISLNK(st.st_mode):
-        st = os.stat(tmp_dir)
+        raise TmpDirError(
+            f"tmp_dir {tmp_dir}: is a symlink, which whoever owns it could repoint; "
+            f"configure the real directory ({os.path.realpath(tmp_dir)}) instead"
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise TmpDirError(f"tmp_dir {tmp_dir}: not a directory")
-    uid = os.getuid()
     if st.st_uid not in (uid, 0):
-        raise TmpDirError(f"tmp_dir {tmp_dir}: owned by uid {st.st_uid}, not by this user (uid {uid}) or root")
+        raise TmpDirError(
+            f"tmp_dir {tmp_dir}: owned by uid {st.st_uid}, not by this user (uid {uid}) or root; "
+            f"use a directory of the daemon's own (e.g. `install -d -m 2750 -o {uid} -g <nginx group> {tmp_dir}`)"
+        )
+    mode = stat.S_IMODE(st.st_mode)
     if st.st_mode & stat.S_IWOTH:
-        raise TmpDirError(f"tmp_dir {tmp_dir}: writable by every user (mode {stat.S_IMODE(st.st_mode):o}); use 0750")
+        raise TmpDirError(
+            f"tmp_dir {tmp_dir}: writable by every user (mode {mode:o}); use a directory of its own with mode 2750"
+        )
+    if st.st_mode & stat.S_IWGRP:
+        raise TmpDirError(
+            f"tmp_dir {tmp_dir}: writable by its group (mode {mode:o}), whose members could swap sockets for "
+            "symlinks; nginx's group needs only to read it: `chmod 2750` it"
+        )
+    _check_parents(tmp_dir, uid)
     if not os.access(tmp_dir, os.W_OK | os.X_OK):
         raise TmpDirError(f"tmp_dir {tmp_dir}: not writable by this user (uid {uid})")
+
+
+def _check_parents(tmp_dir: Path, uid: int) -> None:
+    for parent in Path(os.path.realpath(tmp_dir)).parents:
+        st = os.stat(parent)
+        if st.st_uid not in (uid, 0):
+            raise TmpDirError(
+                f"tmp_dir {tmp_dir}: {parent} above it belongs to uid {st.st_uid}, who could replace tmp_dir "
+                "with a directory of their own; put tmp_dir under a directory of root's or the daemon's user"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise TmpDirError(
+                f"tmp_dir {tmp_dir}: {parent} above it is writable by others (mode {stat.S_IMODE(st.st_mode):o}, "
+                "not sticky), who could rename tmp_dir away; put tmp_dir elsewhere, such as /run/<app>"
+            )

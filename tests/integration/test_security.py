@@ -229,3 +229,46 @@ def test_a_tmp_dir_under_a_directory_others_control_is_refused(tmp_path: Path, d
         assert expected in refusal(tmp_path, parent / "run")
     finally:
         shutil.rmtree(parent)
+
+
+def test_a_redirected_published_symlink_is_put_back(start_daemon: DaemonFactory, tmp_path: Path) -> None:
+    daemon = start_daemon({"command": tinyapp_command(), "workers": 1})
+    worker = daemon.wait_ready(1)["workers"][0]
+    thief = tmp_path / "thief.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(thief))
+    listener.listen()
+    try:
+        link = daemon.tmp_dir / "app.0.sock"
+        planted = daemon.tmp_dir / ".planted"
+        planted.symlink_to(thief)
+        mark = daemon.mark()
+        os.rename(planted, link)  # what a member of a group-writable tmp_dir could do
+        daemon.wait_log(
+            r"app\.0\.sock points at .*thief\.sock.*: something else changed it; putting it back", start=mark
+        )
+        wait_for(lambda: os.readlink(link) == Path(worker["socket"]).name, 5, "the symlink to be put back")
+    finally:
+        listener.close()
+
+
+def test_a_tmp_dir_replaced_under_the_daemon_is_never_published_into(start_daemon: DaemonFactory) -> None:
+    daemon = start_daemon({"command": tinyapp_command(), "workers": 1})
+    daemon.wait_ready(1)
+    moved = daemon.tmp_dir.with_name(daemon.tmp_dir.name + ".moved")
+    os.rename(daemon.tmp_dir, moved)  # renamed away, and another directory put in its place
+    daemon.tmp_dir.mkdir(mode=0o750)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "sockherd", "restart", "-i", str(moved / "sockherd.ipc")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 1
+        assert "is no longer the directory this daemon checked at start" in result.stderr
+        assert list(daemon.tmp_dir.iterdir()) == []  # nothing published into the impostor
+    finally:
+        daemon.tmp_dir.rmdir()
+        os.rename(moved, daemon.tmp_dir)

@@ -25,6 +25,7 @@ from sockherd.daemon.adoption import Adoption, StateUnusable, adopt
 from sockherd.daemon.control import Control, log_progress
 from sockherd.daemon.coordinator import Busy, ShuttingDown
 from sockherd.daemon.devserver import DevServer
+from sockherd.daemon.guard import LinkWatch, TmpDir
 from sockherd.daemon.hardening import is_dumpable, make_undumpable, raise_fd_limit
 from sockherd.daemon.herd import DeployFailed, Herd
 from sockherd.daemon.ipc import Connection, IpcServer
@@ -112,6 +113,7 @@ class Daemon:
             config.notify_path, self.control.on_notify, sock=inherited.notify if inherited else None
         )
         self.dev_server: DevServer | None = None
+        self._link_watch = LinkWatch(self.herd.check_link)
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -194,6 +196,7 @@ class Daemon:
 
     async def run(self) -> int:
         self._prepare()
+        self.herd.tmp_dir = TmpDir(self.config.tmp_dir)  # checked: from now on held, not looked up
         make_undumpable()
         raise_fd_limit()
         _set_title(f"sockherd daemon: {self.config.name} [{self.config.tmp_dir}]")
@@ -210,6 +213,7 @@ class Daemon:
         for sig in HANDLED_SIGNALS:
             self._loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         unblock_signals()
+        self._link_watch.start(self._loop, self.herd.tmp_dir)
         dispatcher = asyncio.create_task(self._dispatch_signals(), name="signals")
         try:
             if self._dev_server_port is not None:
@@ -328,6 +332,7 @@ class Daemon:
             await self.dev_server.close()
         await self.ipc.close()
         self.notify.close(self._loop)
+        self._link_watch.stop(self._loop)
         self.reaper.uninstall()
 
     def request_quit(self) -> None:

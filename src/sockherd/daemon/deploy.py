@@ -22,6 +22,7 @@ log = logging.getLogger("sockherd")
 
 async def deploy(herd: Herd, target: Desired, attempts: int, progress: Progress) -> None:
     """Bring ``target`` up as a new generation; on success it becomes the desired state."""
+    herd.check_tmp_dir()
     gen = herd.begin_generation(target)
     try:
         if target.config.strategy == "rolling" and herd.slots:
@@ -150,6 +151,7 @@ async def scale_workers(herd: Herd, count: int, attempts: int, progress: Progres
     gen, before = herd.current, len(herd.slots)
     if gen is None:
         return
+    herd.check_tmp_dir()
     if count > before:
         new = [i for i in range(count) if i not in herd.slots]
         _check_slots(herd, range(before, count))
@@ -171,6 +173,7 @@ async def scale_standby(herd: Herd, count: int, attempts: int, progress: Progres
     gen = herd.current
     if gen is None:
         return
+    herd.check_tmp_dir()
     await herd.healer.stop_refill()  # one author of standbys at a time
     standbys = herd.standbys()
     if count > len(standbys):

@@ -184,7 +184,17 @@ class Healer:
         standby.index = index
         if not self.herd.suspended:
             standby.resume()  # before the rename: nothing waits on a held request
-        self.herd.publish(index, standby)
+        if not self._publish(index, standby):
+            asyncio.ensure_future(standby.stop())  # noqa: RUF006 - tracked by the worker's own stop task
+
+    def _publish(self, index: int, worker: Worker) -> bool:
+        """Publish, or log why not (tmp_dir replaced, a planted obstacle): healing must not raise."""
+        try:
+            self.herd.publish(index, worker)
+        except OSError as exc:
+            log.error("cannot publish %s as slot %d: %s", worker.label, index, exc.strerror or exc)
+            return False
+        return True
 
     def after_adoption(self, broken: list[Worker]) -> None:
         """An adopted herd: fill the slots whose workers died with the daemon away,
@@ -232,7 +242,9 @@ class Healer:
                     continue
                 if herd.slots.get(index) is dead and herd.running:
                     health.replacement = None
-                    herd.publish(index, worker)
+                    if not self._publish(index, worker):
+                        await worker.stop()
+                        return
                 elif not self._fill_vacancy(worker):  # a standby filled our slot first
                     await worker.stop()
         finally:
@@ -338,10 +350,9 @@ class Healer:
                     attempt += 1
                     await asyncio.sleep(crash_backoff(attempt + 1))
                     continue  # the old one keeps serving meanwhile
-                if herd.slots.get(index) is not worker:
+                if herd.slots.get(index) is not worker or not self._publish(index, successor):
                     await successor.stop()
                     return
-                herd.publish(index, successor)
             # Past the swap a preempting command must not cancel the retirement: the
             # old worker, unpublished, would be left running outside any slot.
             await asyncio.shield(herd.retire([worker]))

@@ -34,6 +34,7 @@ from sockherd import __version__
 from sockherd.config import Config, Timeouts, WorkerSpec
 from sockherd.daemon.coordinator import Coordinator
 from sockherd.daemon.desired import Desired
+from sockherd.daemon.guard import TmpDir
 from sockherd.daemon.healing import Healer
 from sockherd.daemon.process import Generation, StartError, Worker, WorkerState
 from sockherd.daemon.processes import ProcessLayer
@@ -70,6 +71,7 @@ class Herd:
         self.started_at = time.time()
         self._own_start_time = process_start_time(os.getpid())
         self._state = StateFile(state_path, self.snapshot) if state_path is not None else None
+        self.tmp_dir: TmpDir | None = None  # held by the daemon once checked (guard.py)
 
     # -- the desired state (read here; written by operations) ---------------------------
 
@@ -293,18 +295,35 @@ class Herd:
         assert last is not None
         raise last
 
+    def check_tmp_dir(self) -> None:
+        """Before starting anything: tmp_dir must still be the directory checked at start."""
+        if self.tmp_dir is not None:
+            try:
+                self.tmp_dir.verify()
+            except OSError as exc:
+                raise DeployFailed(exc.strerror or str(exc)) from None
+
     def publish(self, index: int, worker: Worker) -> None:
-        publish_symlink(
-            self.config.symlink_path(index), worker.socket_path, relative=self.config.symlinks == "relative"
-        )
+        """Point slot ``index`` at ``worker``. OSError (TmpDirReplaced too) if it cannot."""
+        if self.tmp_dir is not None:
+            self.tmp_dir.verify()
+        self._link(index, worker)
         worker.index = index
         self.slots[index] = worker
         self.healer.published(index, worker)
         self.changed()
         log.info("published %s as %s", worker.label, self.config.symlink_path(index).name)
 
+    def _link(self, index: int, worker: Worker) -> None:
+        publish_symlink(
+            self.config.symlink_path(index),
+            worker.socket_path,
+            relative=self.config.symlinks == "relative",
+            dir_fd=self.tmp_dir.fd if self.tmp_dir is not None else None,
+        )
+
     def unpublish(self, index: int) -> Worker | None:
-        unpublish_symlink(self.config.symlink_path(index))
+        unpublish_symlink(self.config.symlink_path(index), dir_fd=self.tmp_dir.fd if self.tmp_dir else None)
         self.healer.cancel_replacement(index)
         worker = self.slots.pop(index, None)
         self.changed()
@@ -313,9 +332,31 @@ class Herd:
     def republish(self) -> None:
         """Rewrite every published symlink (the ``symlinks`` style changed)."""
         for index, worker in self.slots.items():
-            publish_symlink(
-                self.config.symlink_path(index), worker.socket_path, relative=self.config.symlinks == "relative"
-            )
+            self._link(index, worker)
+
+    def check_link(self, name: str) -> None:
+        """A change in tmp_dir (inotify): put back a published symlink someone redirected.
+
+        ``name`` empty: events were lost, check them all.
+        """
+        for index, worker in list(self.slots.items()):
+            link = self.config.symlink_path(index)
+            if name and link.name != name:
+                continue
+            pointee = worker.socket_path.name if self.config.symlinks == "relative" else str(worker.socket_path)
+            try:
+                actual: str | None = os.readlink(link.name, dir_fd=self.tmp_dir.fd) if self.tmp_dir else None
+            except OSError:
+                actual = None
+            if actual != pointee and worker.alive:
+                log.warning(
+                    "%s points at %r, not at %s: something else changed it; putting it back",
+                    link.name,
+                    actual,
+                    worker.label,
+                )
+                with contextlib.suppress(OSError):
+                    self._link(index, worker)
 
     async def retire(self, workers: list[Worker]) -> None:
         """Stop workers that no symlink points at any more, after the linger.

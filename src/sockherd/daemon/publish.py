@@ -27,21 +27,27 @@ from sockherd.daemon.state_file import is_temp_of
 log = logging.getLogger("sockherd")
 
 
-def publish_symlink(link: Path, target: Path, *, relative: bool = True) -> None:
-    """Point ``link`` at ``target`` atomically. Both live in the same directory."""
+def publish_symlink(link: Path, target: Path, *, relative: bool = True, dir_fd: int | None = None) -> None:
+    """Point ``link`` at ``target`` atomically. Both live in the same directory.
+
+    With ``dir_fd`` (the held tmp_dir), the names are resolved relative to it, never
+    through the path, which another process could have redirected.
+    """
     pointee = target.name if relative and target.parent == link.parent else str(target)
+    name = link.name if dir_fd is not None else str(link)
     while True:
-        tmp = link.with_name(f".{link.name}.{secrets.token_hex(4)}")
+        tmp = f".{link.name}.{secrets.token_hex(4)}"
+        tmp_path = tmp if dir_fd is not None else str(link.with_name(tmp))
         try:
-            os.symlink(pointee, tmp)
+            os.symlink(pointee, tmp_path, dir_fd=dir_fd)
             break
         except FileExistsError:  # a 1 in 4 billion collision with a leftover: draw again
             continue
     try:
-        os.rename(tmp, link)
+        os.rename(tmp_path, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp_path, dir_fd=dir_fd)
         raise
 
 
@@ -57,11 +63,12 @@ def slot_obstacle(link: Path) -> str | None:
     return f"{link} is {kind}, not a symlink sockherd made; remove it to publish slot {link.name}"
 
 
-def unpublish_symlink(link: Path) -> None:
+def unpublish_symlink(link: Path, *, dir_fd: int | None = None) -> None:
     """Remove a published symlink (scale-down, stop, quit). Never follows it."""
+    name = link.name if dir_fd is not None else str(link)
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISLNK(os.lstat(link).st_mode):
-            os.unlink(link)
+        if stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+            os.unlink(name, dir_fd=dir_fd)
 
 
 def published_target(link: Path) -> Path | None:

@@ -197,7 +197,10 @@ def find_config(cwd: Path) -> Path:
     if pyproject.is_file() and _read_table(pyproject, PYPROJECT) is not None:
         return pyproject
     names = ", ".join(CONFIG_NAMES)
-    raise ConfigError(f"no sockherd config in {cwd} (looked for {names} and [tool.sockherd] in {PYPROJECT})")
+    raise ConfigError(
+        f"no sockherd config in {cwd} (looked for {names} and [tool.sockherd] in {PYPROJECT}); "
+        "run `sockherd init` to write one, or pass -c PATH"
+    )
 
 
 def _read_table(path: Path, shown: str) -> dict[str, Any] | None:

@@ -53,7 +53,7 @@ async def _start_together(
         await asyncio.gather(*(w.stop() for w in started))  # all at once: one ladder's time, not N
         failures = [e for e in _leaves(exc) if isinstance(e, StartError)]
         if failures:
-            raise DeployFailed(f"{failures[0].worker.label} {failures[0].reason}", output_tail(gen.spec)) from None
+            raise _failed(f"{failures[0].worker.label} {failures[0].reason}", gen) from None
         raise
     started = [t.result() for t in tasks]
     if bad := [w for w in started if not w.alive or w.broken_reason is not None]:
@@ -113,7 +113,7 @@ async def _deploy_rolling(herd: Herd, gen: Generation, target: Desired, attempts
         except StartError as exc:
             if old_gen is not None:
                 await _roll_back(herd, old_gen, done, progress)
-            raise DeployFailed(f"{exc.worker.label} {exc.reason}", output_tail(gen.spec)) from None
+            raise _failed(f"{exc.worker.label} {exc.reason}", gen) from None
         previous = herd.slots.get(index)
         herd.publish(index, worker)
         herd.make_current(gen)
@@ -184,6 +184,13 @@ async def scale_standby(herd: Herd, count: int, attempts: int, progress: Progres
         extra = standbys[count:]
         progress(f"stopping {len(extra)} standby worker(s)")
         await asyncio.gather(*(w.stop() for w in extra))
+
+
+def _failed(reason: str, gen: Generation) -> DeployFailed:
+    """A failed start, with the worker's last output lines, or where to find them."""
+    if gen.spec.stdout is None and gen.spec.stderr is None:
+        reason += " (its output went to the daemon's own stdout/stderr: see the daemon's log or journal)"
+    return DeployFailed(reason, output_tail(gen.spec))
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sockherd.config import Config, load_config
 from sockherd.daemon.deploy import deploy, scale_standby, scale_workers
+from sockherd.daemon.desired import Desired
 from sockherd.daemon.herd import Herd, Progress
 from sockherd.daemon.reload import ReloadPlan, plan_reload
 
@@ -39,10 +40,22 @@ class Operations:
             herd = self.herd
             if herd.running:
                 return False
-            await deploy(herd, herd.desired.but(suspended=suspended), attempts, progress)
+            await deploy(herd, self._fresh_target(progress).but(suspended=suspended), attempts, progress)
             return True
 
         return await self._coordinator.run("start", work)
+
+    def _fresh_target(self, progress: Progress) -> Desired:
+        """What a start deploys: "fix the app's config, then `sockherd start`" must work,
+        so a stopped herd starts with the config file as it is now (ConfigError if it is
+        broken; the running config stays)."""
+        desired = self.herd.desired
+        new = self._load(desired.config.path)
+        if new.as_dict() == desired.config.as_dict():
+            return desired
+        plan = plan_reload(desired.config, new, workers=desired.workers, standby=desired.standby)
+        progress(f"the config file changed since it was loaded ({', '.join(plan.changed)}): starting with it")
+        return desired.but(config=new, workers=new.workers, standby=new.standby)
 
     async def restart(self, attempts: int, progress: Progress, *, suspended: bool = False) -> None:
         """A new generation of the desired state; the old one retires once it is published."""

@@ -202,8 +202,9 @@ class Worker:
                 await self._race_exit(probe, "before its socket accepted")
         except TimeoutError:
             what = "report ready" if not self._online.done() else "accept connections on its socket"
+            hint = await self._readiness_hint()
             await self.kill()
-            raise StartError(self, f"did not {what} within online_timeout ({self.timeouts.online}s)") from None
+            raise StartError(self, f"did not {what} within online_timeout ({self.timeouts.online}s){hint}") from None
         except OSError as exc:  # the probe met something else than a socket (a planted link, a loop)
             await self.kill()
             raise StartError(self, f"cannot connect to its socket {self.socket_path}: {exc.strerror or exc}") from None
@@ -221,6 +222,20 @@ class Worker:
             self._online.set_result(None)
         self._on_change()
         log.info("%s online after %.3fs", self.label, self.online_at - self.started_at)
+
+    async def _readiness_hint(self) -> str:
+        """A worker that never reported ready but accepts on its socket: a server without
+        the library or sd_notify, run with ``ready = "notify"`` (the default)."""
+        if self.spec.ready != "notify" or self._online.done():
+            return ""
+        try:
+            await asyncio.wait_for(self._processes.probe_socket(self.socket_path), 0.2)
+        except (TimeoutError, OSError):
+            return ""
+        return (
+            '; its socket accepts connections but it never reported ready: set `ready = "socket"` '
+            "for servers without the sockherd library or sd_notify"
+        )
 
     async def _race_exit(self, awaitable: asyncio.Future[None], when: str) -> None:
         watched: set[asyncio.Future[Any]] = {awaitable, self.exited}

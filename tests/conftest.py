@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support.daemon import RunningDaemon, running_daemon
+from support.daemon import RunningDaemon, running_daemon, short_tmp_dir
 from support.fake_daemon import FakeDaemon
 from support.nginx import Nginx
 
@@ -26,6 +27,14 @@ def start_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
             return stack.enter_context(running_daemon(tmp_path, settings, *args, env=env))
 
         yield start
+
+
+@pytest.fixture
+def tmp_dir() -> Iterator[Path]:
+    """A tmp_dir short enough for socket paths (pytest's tmp_path is not), removed after."""
+    path = short_tmp_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -26,6 +26,10 @@ from support.daemon import write_config
 FAKE_PID_BASE = 10_000_000  # above any pid_max: never a real process
 
 
+def quiet(text: str) -> None:
+    """A progress callback that prints nothing."""
+
+
 class FakeProcess:
     def __init__(self, pid: int, launch: Launch, loop: asyncio.AbstractEventLoop, events: list[str]) -> None:
         self.pid = pid

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,9 @@ import pytest
 
 from sockherd.daemon.coordinator import Busy, ShuttingDown
 from sockherd.daemon.herd import DeployFailed
-from support.daemon import short_tmp_dir
-from support.fake_processes import FakeHerd, FakeProcess
+from support.fake_processes import FakeHerd, FakeProcess, quiet
 
 Scenario = Callable[[FakeHerd], Awaitable[None]]
-
-
-def quiet(text: str) -> None:
-    pass
-
-
-@pytest.fixture
-def tmp_dir() -> Iterator[Path]:
-    path = short_tmp_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def run(tmp_dir: Path, scenario: Scenario, **settings: Any) -> FakeHerd:

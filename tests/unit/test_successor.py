@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +12,7 @@ import pytest
 
 from sockherd.daemon.adoption import Adoption, StateUnusable, adopt
 from sockherd.daemon.herd import DeployFailed
-from support.daemon import short_tmp_dir
-from support.fake_processes import FakeHerd
-
-
-def quiet(text: str) -> None:
-    pass
-
-
-@pytest.fixture
-def tmp_dir() -> Iterator[Path]:
-    path = short_tmp_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+from support.fake_processes import FakeHerd, quiet
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:

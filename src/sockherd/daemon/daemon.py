@@ -291,6 +291,7 @@ class Daemon:
                     request_id=request_id,
                     attempts=attempts,
                     suspended=suspended,
+                    handled=HANDLED_SIGNALS,
                 )
             except OSError as exc:
                 healer.resume()

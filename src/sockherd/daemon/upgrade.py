@@ -25,25 +25,13 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 
 log = logging.getLogger("sockherd")
 
 ENV = "SOCKHERD_UPGRADE"
-# Handled by the daemon: blocked from just before the exec until the new image handles them.
-BLOCKED_ACROSS_EXEC = frozenset(
-    {
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGHUP,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-        signal.SIGTTIN,
-        signal.SIGTTOU,
-        signal.SIGCHLD,
-    }
-)
 
 
 def installed_version() -> str:
@@ -93,9 +81,11 @@ def exec_in_place(
     request_id: int | str | None,
     attempts: int,
     suspended: bool,
+    handled: Iterable[signal.Signals],
 ) -> None:
     """Replace this process's image with the installed sockherd. Returns only on failure
-    (raises OSError), having put back what it changed."""
+    (raises OSError), having put back what it changed. ``handled``: the signals the
+    daemon handles, blocked from just before the exec until the new image handles them."""
     kept = [ipc_fd, notify_fd, *([client_fd] if client_fd is not None else [])]
     handoff = {
         "ipc_fd": ipc_fd,
@@ -113,7 +103,7 @@ def exec_in_place(
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
-    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_ACROSS_EXEC)
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {*handled, signal.SIGCHLD})
     try:
         for fd in kept:
             os.set_inheritable(fd, True)

@@ -131,7 +131,8 @@ def _ipc_path(args: argparse.Namespace) -> Path:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
-    from sockherd.daemon.daemon import Daemon, DaemonError
+    from sockherd.daemon.daemon import Daemon
+    from sockherd.daemon.lifecycle import DaemonError
 
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -19,6 +19,7 @@ import psutil
 
 from sockherd import __version__, protocol
 from sockherd.config import ConfigError
+from sockherd.daemon import succession
 from sockherd.daemon.coordinator import Busy, ShuttingDown
 from sockherd.daemon.herd import DeployFailed
 from sockherd.daemon.ipc import Connection
@@ -223,7 +224,9 @@ class Control:
         """``restart --upgrade``: re-exec a newer installed sockherd in place, or, with the
         same version installed, reload the config and restart (the command means the same)."""
         daemon = self.daemon
-        if await daemon.upgrade(attempts, progress, suspended=suspended, conn=conn, request_id=request_id):
+        if await succession.upgrade_in_place(
+            daemon, attempts, progress, suspended=suspended, conn=conn, request_id=request_id
+        ):
             return  # unreachable: the new image answers
         progress(f"sockherd {__version__} is the installed version: reloading the config and restarting")
         plan = await daemon.ops.reload(progress)

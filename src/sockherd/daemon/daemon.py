@@ -8,79 +8,39 @@ another is half done.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import socket
 import stat
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sockherd import __version__
 from sockherd.config import Config, ConfigError
-from sockherd.daemon.adoption import Adoption, StateUnusable, adopt
+from sockherd.daemon import succession
 from sockherd.daemon.control import Control, log_progress
 from sockherd.daemon.coordinator import Busy, ShuttingDown
 from sockherd.daemon.devserver import DevServer
 from sockherd.daemon.guard import LinkWatch, TmpDir
 from sockherd.daemon.hardening import is_dumpable, make_undumpable, raise_fd_limit
 from sockherd.daemon.herd import DeployFailed, Herd
-from sockherd.daemon.ipc import Connection, IpcServer
+from sockherd.daemon.ipc import IpcServer
+from sockherd.daemon.lifecycle import (
+    HANDLED_SIGNALS,
+    DaemonError,
+    reset_signal_dispositions,
+    sd_notify,
+    unblock_signals,
+)
 from sockherd.daemon.notify import NotifySocket
 from sockherd.daemon.operations import Operations
 from sockherd.daemon.processes import OsProcesses
 from sockherd.daemon.publish import SocketNames, TmpDirError, prepare_tmp_dir, socket_is_live, sweep_tmp_dir
 from sockherd.daemon.reaper import Reaper
-from sockherd.daemon.state_file import daemon_alive, read_state
-from sockherd.daemon.upgrade import Inherited, exec_in_place, installed_version
+from sockherd.daemon.upgrade import Inherited
 
 log = logging.getLogger("sockherd")
-
-HANDLED_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-)
-
-
-class DaemonError(Exception):
-    """The daemon cannot start; the message says why."""
-
-
-def reset_signal_dispositions() -> None:
-    """Make sure workers start with default signal handling.
-
-    exec() resets caught signals to default but keeps ignored ones ignored, and a
-    daemon started from ``nohup`` or a shell's ``&`` has SIGINT/SIGQUIT/SIGHUP ignored;
-    workers would inherit that and never stop on ^C or SIGINT. The mask is inherited
-    too: it is cleared by :func:`unblock_signals`, once the daemon's handlers are in
-    place (an upgrade blocks them across its exec, and what arrived meanwhile is
-    delivered then).
-    """
-    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        if signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
-
-
-def unblock_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-
-
-def _sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about the daemon itself, if it is listening."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    address = "\0" + path[1:] if path.startswith("@") else path
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(state.encode(), address)
 
 
 class Daemon:
@@ -92,7 +52,7 @@ class Daemon:
         start_workers: bool = True,
         inherited: Inherited | None = None,
     ) -> None:
-        self._inherited = inherited  # this image is an upgrade of the one before (same pid)
+        self.inherited = inherited  # this image is an upgrade of the one before (same pid)
         self._dev_server_port = dev_server_port
         self._start_workers = start_workers
         self.started_at = time.time()
@@ -138,61 +98,12 @@ class Daemon:
                 # Something planted where our socket goes (a symlink, a file): never
                 # replace or follow it.
                 raise DaemonError(f"{path} exists and is not a socket; refusing to touch it (remove it if it is yours)")
-        if self._inherited is None and cfg.ipc_path.exists() and socket_is_live(cfg.ipc_path):
+        if self.inherited is None and cfg.ipc_path.exists() and socket_is_live(cfg.ipc_path):
             raise DaemonError(f"another sockherd daemon is already running on {cfg.ipc_path}")
-        own_sockets = (cfg.ipc_file, cfg.notify_path.name) if self._inherited is None else ()  # ours, still open
+        own_sockets = (cfg.ipc_file, cfg.notify_path.name) if self.inherited is None else ()  # ours, still open
         sweep_tmp_dir(
             cfg.tmp_dir, SocketNames.from_pattern(cfg.socket_file), own_sockets, state_file=cfg.state_path.name
         )
-
-    def _adopt_previous(self) -> Adoption | None:
-        """Take over the workers the state file names, if any still run (see adoption.py)."""
-        cfg = self.config
-        state = read_state(cfg.state_path)
-        if state is None:
-            return None
-        recorded_daemon = state.get("daemon")
-        earlier: dict[str, Any] = recorded_daemon if isinstance(recorded_daemon, dict) else {}
-        if daemon_alive(state) and earlier.get("pid") != os.getpid():
-            raise DaemonError(
-                f"the daemon that started these workers (pid {earlier.get('pid')}) is still running but does "
-                f"not answer on {cfg.ipc_path}; stop it (kill {earlier.get('pid')}) before starting another"
-            )
-        try:
-            adoption = adopt(self.herd, state)
-        except StateUnusable as exc:
-            log.error("%s: %s; starting afresh", cfg.state_path, exc)
-            return None
-        if adoption.adopted or adoption.gone:
-            version = earlier.get("version", "?")
-            log.info(
-                "%s from daemon %s (pid %s): %s",
-                "upgraded" if self._inherited else "adopting",
-                version,
-                earlier.get("pid"),
-                adoption.describe(),
-            )
-        desired = state.get("desired")
-        recorded = desired.get("config") if isinstance(desired, dict) else None
-        if adoption.adopted and isinstance(recorded, dict) and _differs(recorded, cfg.as_dict()):
-            log.warning("the config file changed since these workers started: `sockherd reload` applies it")
-        return adoption
-
-    async def _after_adoption(self, adoption: Adoption) -> None:
-        """Finish what the earlier daemon left: refill slots and standbys, retire leftovers."""
-
-        async def work() -> None:
-            self.herd.healer.after_adoption(adoption.broken)
-            if adoption.retire:
-                log.info("retiring %d adopted worker(s) no slot needs", len(adoption.retire))
-                await self.herd.retire(adoption.retire)
-
-        try:
-            await self.ops.adopted(work)
-        except (Busy, ShuttingDown) as exc:
-            log.info("after adoption: %s", exc)
-        finally:
-            _sd_notify("READY=1")
 
     async def run(self) -> int:
         self._prepare()
@@ -201,7 +112,7 @@ class Daemon:
         raise_fd_limit()
         _set_title(f"sockherd daemon: {self.config.name} [{self.config.tmp_dir}]")
         reset_signal_dispositions()
-        adoption = self._adopt_previous()  # before the reaper: a re-exec's dead children wait as zombies
+        adoption = succession.adopt_previous(self)  # before the reaper: a re-exec's dead children wait as zombies
         self.reaper.install()
         try:
             await self.ipc.start()
@@ -227,17 +138,17 @@ class Daemon:
 
             log.info("daemon %s ready (pid %d, IPC %s)", __version__, os.getpid(), self.config.ipc_path)
             self.herd.flush_state()
-            if self._inherited is not None:
-                self._spawn_background(self._finish_upgrade(self._inherited, adoption))
+            if self.inherited is not None:
+                self._spawn_background(succession.finish_upgrade(self, self.inherited, adoption))
             elif adoption is not None and adoption.adopted:
-                self._spawn_background(self._after_adoption(adoption))
+                self._spawn_background(succession.finish_adoption(self, adoption))
             elif self._start_workers:
                 self._spawn_background(self._initial_start())
             else:
-                _sd_notify("READY=1")
+                sd_notify("READY=1")
             await self._quit.wait()
         finally:
-            _sd_notify("STOPPING=1")
+            sd_notify("STOPPING=1")
             await self._shutdown()
             dispatcher.cancel()
             for sig in HANDLED_SIGNALS:
@@ -254,74 +165,7 @@ class Daemon:
         except (Busy, ShuttingDown) as exc:
             log.info("initial start skipped: %s", exc)
         finally:
-            _sd_notify("READY=1")
-
-    # -- upgrade in place ---------------------------------------------------------------
-
-    async def upgrade(
-        self,
-        attempts: int,
-        progress: Callable[[str], None],
-        *,
-        suspended: bool,
-        conn: Connection,
-        request_id: int | str,
-    ) -> bool:
-        """``restart --upgrade``. False: the same version runs (the caller reloads and
-        restarts instead). Otherwise this never returns: the new image answers."""
-        installed = installed_version()
-        if installed == __version__:
-            return False
-
-        async def work() -> None:
-            healer = self.herd.healer
-            await healer.stop()  # nothing half-started may cross the exec
-            if not self.herd.flush_state():  # the new image would not know its workers
-                healer.resume()
-                raise DeployFailed(f"upgrade refused: cannot write {self.config.state_path} (see the log)")
-            progress(f"upgrading the daemon in place: sockherd {__version__} -> {installed} (pid {os.getpid()})")
-            await conn.drained(2.0)
-            listener, notify = self.ipc.listening_socket, self.notify.datagram_socket
-            assert listener is not None and notify is not None
-            try:
-                exec_in_place(
-                    ipc_fd=listener.fileno(),
-                    notify_fd=notify.fileno(),
-                    client_fd=conn.fileno(),
-                    request_id=request_id,
-                    attempts=attempts,
-                    suspended=suspended,
-                    handled=HANDLED_SIGNALS,
-                )
-            except OSError as exc:
-                healer.resume()
-                raise DeployFailed(
-                    f"upgrade failed: cannot execute {sys.executable}: {exc.strerror or exc}; "
-                    f"the daemon carries on as sockherd {__version__}"
-                ) from None
-
-        await self.herd.coordinator.run("upgrade", work)
-        return True
-
-    async def _finish_upgrade(self, inherited: Inherited, adoption: Adoption | None) -> None:
-        """The new image's half of ``restart --upgrade``: take the herd back, then restart it."""
-        conn = await self.ipc.resume_connection(inherited.client) if inherited.client is not None else None
-        if adoption is not None:
-            await self._after_adoption(adoption)
-        else:
-            _sd_notify("READY=1")
-        log.info("upgraded in place from sockherd %s to %s", inherited.previous_version, __version__)
-        upgraded = {"from": inherited.previous_version, "to": __version__, "pid": os.getpid()}
-        if conn is None or inherited.request_id is None:
-            await self._restart_logged()
-            return
-        await self.control.answer_deploy(
-            conn,
-            inherited.request_id,
-            "restart",
-            lambda progress: self.ops.restart(inherited.attempts, progress, suspended=inherited.suspended),
-            extra={"upgraded": upgraded},
-        )
+            sd_notify("READY=1")
 
     async def _shutdown(self) -> None:
         log.info("stopping all workers")
@@ -377,7 +221,7 @@ class Daemon:
 
     async def handle_usr2(self) -> None:
         log.info("SIGUSR2: restarting the workers")
-        self._spawn_background(self._restart_logged())
+        self._spawn_background(self.restart_logged())
 
     async def handle_usr1(self) -> None:
         # Worker output files are opened afresh for every spawn, so a rotated file is
@@ -401,7 +245,7 @@ class Daemon:
         except (Busy, ShuttingDown, DeployFailed) as exc:
             log.error("scaling to %d worker(s) failed: %s", count, exc)
 
-    async def _restart_logged(self) -> None:
+    async def restart_logged(self) -> None:
         try:
             await self.ops.restart(self.config.max_start_attempts, log_progress)
         except (Busy, ShuttingDown, DeployFailed) as exc:
@@ -467,11 +311,6 @@ class Daemon:
             "workers": herd.status(),
             "slots": herd.healer.slot_status(),
         }
-
-
-def _differs(recorded: dict[str, Any], loaded: dict[str, Any]) -> bool:
-    """Whether the loaded config differs from the one recorded (``path`` aside)."""
-    return any(recorded.get(key) != value for key, value in loaded.items())
 
 
 def _set_title(title: str) -> None:

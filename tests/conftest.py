@@ -49,10 +49,10 @@ def fake_daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
 def start_nginx(tmp_path: Path) -> Iterator[NginxFactory]:
     started: list[Nginx] = []
 
-    def start(sockets: list[Path], *, keepalive: bool, max_fails: int = 0) -> Nginx:
+    def start(sockets: list[Path], *, keepalive: bool, max_fails: int = 0, user: str | None = None) -> Nginx:
         workdir = tmp_path / f"nginx{len(started)}"
         workdir.mkdir()
-        nginx = Nginx(workdir, sockets, keepalive=keepalive, max_fails=max_fails)
+        nginx = Nginx(workdir, sockets, keepalive=keepalive, max_fails=max_fails, user=user)
         started.append(nginx)
         return nginx
 

@@ -17,14 +17,18 @@ import stat
 from pathlib import Path
 
 
-def chmod_socket(path: str | Path, mode: int) -> None:
-    """Set ``mode`` on the UNIX socket at ``path``; OSError if it is not one (a symlink, a file)."""
+def chmod_socket(path: str | Path, mode: int, gid: int | None = None) -> None:
+    """Set ``mode`` (and group ``gid``) on the UNIX socket at ``path``; OSError if it is
+    not one (a symlink, a file). The group is changed only if it differs: an owner may
+    always keep a file's group, and give it only a group it belongs to."""
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISSOCK(st.st_mode):
             what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
             raise OSError(errno.ENOTSOCK, f"refusing to change the mode of {path}: it is {what}")
+        if gid is not None and st.st_gid != gid:
+            os.chown(f"/proc/self/fd/{fd}", -1, gid)
         os.chmod(f"/proc/self/fd/{fd}", mode)
     finally:
         os.close(fd)

@@ -79,6 +79,7 @@ class WorkerSpec:
     stop_signal: signal.Signals
     socket_mode: int
     backlog: int
+    socket_group: int | None = None  # gid; None: tmp_dir's group
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,7 @@ class Config:
             "symlinks": self.symlinks,
             "stop_signal": spec.stop_signal.name,
             "socket_mode": f"0o{spec.socket_mode:03o}",
+            "socket_group": spec.socket_group if spec.socket_group is not None else False,
             "linger": timeouts.linger,
             "backlog": spec.backlog,
             "max_memory": self.max_memory,
@@ -362,6 +364,7 @@ def _build(path: Path, files: tuple[Path, ...], values: dict[str, Any]) -> Confi
         stop_signal=values["stop_signal"],
         socket_mode=values["socket_mode"],
         backlog=values["backlog"],
+        socket_group=values["socket_group"],
     )
     timeouts = Timeouts(
         spawn=values["spawn_timeout"],

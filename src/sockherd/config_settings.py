@@ -10,6 +10,7 @@ Parsers take the raw TOML value and return the checked, normalised one, or raise
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import math
@@ -366,6 +367,22 @@ def socket_mode(value: Any, ctx: Context) -> int:
     raise expected(what, value)
 
 
+def socket_group(value: Any, ctx: Context) -> int | None:
+    """A group name or gid; false: tmp_dir's own group."""
+    if value is False:
+        return None
+    if isinstance(value, str) and value and not value.isdigit():
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise Invalid(
+                f'no group named {show(value)} on this machine (nginx\'s is often "www-data" or "nginx")'
+            ) from None
+    if (_is_int(value) and value >= 0) or (isinstance(value, str) and value.isdigit()):
+        return int(value)
+    raise expected('a group name such as "www-data", a gid, or false', value)
+
+
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 _SIZE_UNITS: Final = {
     "": 1, "b": 1,
@@ -469,6 +486,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("socket_mode", "integer or string", 0o660,
             'mode of worker sockets (for the nginx group); write `0o660` or `"660"`', socket_mode,
             default_doc="`0o660`"),
+    Setting("socket_group", "string, integer or false", False,
+            "group of worker sockets (nginx's), set by the daemon whatever the worker did; `false`: tmp_dir's group; "
+            "a tmp_dir the daemon creates gets this group too, mode 2750",
+            socket_group, default_doc="tmp_dir's group"),
     Setting("linger", "seconds", 0.25, "wait after moving a symlink away from a worker before its shutdown",
             seconds(allow_zero=True)),
     Setting("backlog", "integer", kernel_somaxconn, "`listen()` backlog of worker and shared sockets", integer(1),

@@ -6,7 +6,7 @@ shutdown, report ready through sd_notify or not at all.
 
     python tinyapp.py SOCKET [--ready sdnotify|library|none] [--crash-before-ready]
                              [--ignore-term] [--hang-on-shutdown] [--fail-if-file PATH]
-                             [--start-delay SECONDS]
+                             [--start-delay SECONDS] [--own-socket]
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ async def main() -> None:
     parser.add_argument("--fail-if-file", metavar="PATH", help="exit 1 at start if this file exists (a bad deploy)")
     parser.add_argument("--fail-if-env", metavar="NAME", help="exit 1 at start if $NAME lists this worker's index")
     parser.add_argument("--start-delay", type=float, default=0.0, help="seconds of 'imports' before binding")
+    parser.add_argument(
+        "--own-socket", action="store_true", help="chown the socket to this process's uid:gid, mode 0600 (as gunicorn)"
+    )
     args = parser.parse_args()
     if args.start_delay:
         await asyncio.sleep(args.start_delay)
@@ -86,6 +89,9 @@ async def main() -> None:
         sys.exit(1)
     state = {"draining": False}
     server = await asyncio.start_unix_server(lambda r, w: handle(r, w, state), args.socket)
+    if args.own_socket:  # what gunicorn does: its socket, its owner and group, whatever the directory says
+        os.chown(args.socket, os.getuid(), os.getgid())
+        os.chmod(args.socket, 0o600)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if args.ignore_term:

@@ -99,7 +99,7 @@ class FakeProcesses:
     async def probe_socket(self, path: Path) -> None:
         return None
 
-    def set_socket_mode(self, path: Path, mode: int) -> None:
+    def set_socket_mode(self, path: Path, mode: int, gid: int | None) -> None:
         pass  # fake workers have no socket
 
     def adopt(self, pid: int, start_time: int) -> FakeProcess | None:

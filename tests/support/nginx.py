@@ -23,7 +23,15 @@ def free_port() -> int:
 
 
 class Nginx:
-    def __init__(self, workdir: Path, sockets: Sequence[Path | str], *, keepalive: bool, max_fails: int = 0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sockets: Sequence[Path | str],
+        *,
+        keepalive: bool,
+        max_fails: int = 0,
+        user: str | None = None,
+    ) -> None:
         """``sockets``: UNIX socket paths, or any nginx upstream address as a string
         (``"127.0.0.1:8001"``, ``"unix:/run/x.sock"``)."""
         if not os.path.exists(NGINX):
@@ -33,9 +41,10 @@ class Nginx:
         self.error_log = workdir / "error.log"
         addresses = [f"unix:{s}" if isinstance(s, Path) else s for s in sockets]
         servers = "\n".join(f"        server {address} max_fails={max_fails};" for address in addresses)
-        user = "user root;" if os.geteuid() == 0 else ""
+        # nginx's workers run as ``user`` (Debian's www-data, say), else as root when we are.
+        user_line = f"user {user};" if user else ("user root;" if os.geteuid() == 0 else "")
         conf = f"""
-{user}
+{user_line}
 worker_processes 1;
 daemon off;
 pid {workdir}/nginx.pid;

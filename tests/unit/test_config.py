@@ -296,6 +296,7 @@ def test_every_default(tmp_path: Path) -> None:
         "symlinks": "relative",
         "stop_signal": "SIGTERM",
         "socket_mode": "0o660",
+        "socket_group": False,
         "linger": 0.25,
         "backlog": kernel_somaxconn(),
         "max_memory": None,
@@ -736,3 +737,14 @@ def test_docs_generator_check_passes() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_socket_group_takes_a_name_or_a_gid(tmp_path: Path) -> None:
+    import grp
+
+    www = grp.getgrnam("www-data").gr_gid
+    assert load(tmp_path, 'socket_group = "www-data"').worker.socket_group == www
+    assert load(tmp_path, "socket_group = 0").worker.socket_group == 0
+    assert load(tmp_path, "socket_group = false").worker.socket_group is None
+    message = error(tmp_path, 'socket_group = "no-such-group"')
+    assert "socket_group" in message and 'no group named "no-such-group" on this machine' in message

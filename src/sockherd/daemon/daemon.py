@@ -36,7 +36,14 @@ from sockherd.daemon.lifecycle import (
 from sockherd.daemon.notify import NotifySocket
 from sockherd.daemon.operations import Operations
 from sockherd.daemon.processes import OsProcesses
-from sockherd.daemon.publish import SocketNames, TmpDirError, prepare_tmp_dir, socket_is_live, sweep_tmp_dir
+from sockherd.daemon.publish import (
+    SocketNames,
+    TmpDirError,
+    nginx_access_problem,
+    prepare_tmp_dir,
+    socket_is_live,
+    sweep_tmp_dir,
+)
 from sockherd.daemon.reaper import Reaper
 from sockherd.daemon.upgrade import Inherited
 
@@ -85,10 +92,16 @@ class Daemon:
 
     def _prepare(self) -> None:
         cfg = self.config
+        group = cfg.worker.socket_group
         try:
-            prepare_tmp_dir(cfg.tmp_dir)
+            created = prepare_tmp_dir(cfg.tmp_dir, group)
         except TmpDirError as exc:
             raise DaemonError(str(exc)) from None
+        if created:
+            st = os.stat(cfg.tmp_dir)
+            log.info("created tmp_dir %s (mode %o, gid %d)", cfg.tmp_dir, stat.S_IMODE(st.st_mode), st.st_gid)
+        if (problem := nginx_access_problem(cfg.tmp_dir, group)) is not None:
+            log.warning("%s", problem)
         for path in (cfg.ipc_path, cfg.notify_path):
             try:
                 mode = os.lstat(path).st_mode

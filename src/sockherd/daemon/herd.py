@@ -251,10 +251,14 @@ class Herd:
             restarts=self.healer.restarts(index),
             suspended=suspended or index is None,  # standbys always start suspended
             worker_id=worker_id,
+            socket_gid=gen.spec.socket_group if gen.spec.socket_group is not None else self._tmp_dir_gid(),
         )
         self.workers[worker.id] = worker
         self.changed()
         return worker
+
+    def _tmp_dir_gid(self) -> int | None:
+        return os.fstat(self.tmp_dir.fd).st_gid if self.tmp_dir is not None else None
 
     def _spawned(self, worker: Worker) -> None:
         if self.on_spawned is not None:

@@ -80,6 +80,7 @@ class Worker:
         restarts: int = 0,
         suspended: bool = False,
         worker_id: str | None = None,
+        socket_gid: int | None = None,
     ) -> None:
         self.id = worker_id or new_worker_id(index)
         self.index = index
@@ -90,6 +91,7 @@ class Worker:
         self.timeouts = timeouts
         self.restarts = restarts
         self.socket_path = config.worker_socket_path(self.id)
+        self.socket_gid = socket_gid  # the group nginx reaches the socket through
         self._ipc_path = config.ipc_path
         self._notify_path = config.notify_path
         self._processes = processes
@@ -208,8 +210,15 @@ class Worker:
         except OSError as exc:  # the probe met something else than a socket (a planted link, a loop)
             await self.kill()
             raise StartError(self, f"cannot connect to its socket {self.socket_path}: {exc.strerror or exc}") from None
-        try:
-            self._processes.set_socket_mode(self.socket_path, self.spec.socket_mode)  # whatever the server chose
+        try:  # whatever mode and group the server chose (gunicorn sets its own)
+            self._processes.set_socket_mode(self.socket_path, self.spec.socket_mode, self.socket_gid)
+        except PermissionError:
+            await self.kill()
+            raise StartError(
+                self,
+                f"cannot give its socket the group {self.socket_gid} (socket_group): the daemon's user must be a "
+                "member of that group, or run the daemon as root",
+            ) from None
         except OSError as exc:
             await self.kill()
             raise StartError(self, f"its socket {self.socket_path} cannot be made ready for nginx: {exc}") from None

@@ -111,8 +111,8 @@ class ProcessLayer(Protocol):
         an exec); None when ``pid`` is gone or now names another process."""
         ...
 
-    def set_socket_mode(self, path: Path, mode: int) -> None:
-        """Give a worker's socket ``mode`` (OSError if it is not a socket: never followed)."""
+    def set_socket_mode(self, path: Path, mode: int, gid: int | None) -> None:
+        """Give a worker's socket ``mode`` and group (OSError if it is not a socket: never followed)."""
         ...
 
 
@@ -267,8 +267,8 @@ class OsProcesses:
             self._reaper.watch_foreign(pidfd, handle._on_foreign_exit)
         return handle
 
-    def set_socket_mode(self, path: Path, mode: int) -> None:
-        chmod_socket(path, mode)
+    def set_socket_mode(self, path: Path, mode: int, gid: int | None) -> None:
+        chmod_socket(path, mode, gid)
 
     async def probe_socket(self, path: Path) -> None:
         delay = _PROBE_FIRST_DELAY

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import logging
 import os
+import pwd
 import re
 import secrets
 import socket
@@ -179,7 +181,7 @@ class TmpDirError(Exception):
     """tmp_dir cannot be used safely; the message says why and what to do."""
 
 
-def prepare_tmp_dir(tmp_dir: Path) -> None:
+def prepare_tmp_dir(tmp_dir: Path, group: int | None = None) -> bool:
     """Create tmp_dir if needed and refuse one that others could tamper with.
 
     The IPC socket, the worker sockets and the published symlinks live here, and the
@@ -192,8 +194,12 @@ def prepare_tmp_dir(tmp_dir: Path) -> None:
     else unless sticky (as /tmp is).
     """
     uid = os.getuid()
+    created = not os.path.lexists(tmp_dir)
     try:
         tmp_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if created and group is not None:  # nginx's group may traverse it; what is created inherits it
+            os.chown(tmp_dir, -1, group, follow_symlinks=False)
+            os.chmod(tmp_dir, 0o2750, follow_symlinks=False)  # noqa: S103 - group r-x, setgid: nginx reads
     except OSError as exc:
         raise TmpDirError(f"tmp_dir {tmp_dir}: cannot create it: {exc.strerror}") from None
     st = os.lstat(tmp_dir)
@@ -222,6 +228,51 @@ def prepare_tmp_dir(tmp_dir: Path) -> None:
     _check_parents(tmp_dir, uid)
     if not os.access(tmp_dir, os.W_OK | os.X_OK):
         raise TmpDirError(f"tmp_dir {tmp_dir}: not writable by this user (uid {uid})")
+    return created
+
+
+NGINX_USERS = ("www-data", "nginx", "http")  # Debian/Ubuntu, RHEL/Alpine, Arch
+
+
+def nginx_access_problem(tmp_dir: Path, group: int | None) -> str | None:
+    """Why nginx's usual user (where one exists) could not reach the sockets, or None.
+
+    nginx needs to traverse tmp_dir (x) and write to the sockets (their group gets
+    ``socket_mode``): as tmp_dir's owner, in its group, or through its "other" bits.
+    """
+    user = next((u for u in NGINX_USERS if _exists_user(u)), None)
+    if user is None:
+        return None
+    entry = pwd.getpwnam(user)
+    groups = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}
+    st = os.stat(tmp_dir)
+    if entry.pw_uid in (st.st_uid, 0):
+        return None
+    socket_gid = group if group is not None else st.st_gid
+    traverse = (st.st_gid in groups and st.st_mode & stat.S_IXGRP) or st.st_mode & stat.S_IXOTH
+    if traverse and socket_gid in groups:
+        return None
+    group_name = grp.getgrgid(entry.pw_gid).gr_name
+    return (
+        f"nginx's user {user} cannot reach the sockets in {tmp_dir} (mode {stat.S_IMODE(st.st_mode):o}, group "
+        f'{_group_name(st.st_gid)}): set socket_group = "{group_name}" and let the daemon create tmp_dir, or run '
+        f"`chgrp {group_name} {tmp_dir} && chmod 2750 {tmp_dir}`"
+    )
+
+
+def _exists_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _check_parents(tmp_dir: Path, uid: int) -> None:

@@ -16,7 +16,19 @@ from sockherd.config import Config, ConfigError
 FIXED = frozenset({"tmp_dir", "ipc_file", "socket_file"})
 # What a worker runs and how it is judged ready: only a new generation can change these.
 NEEDS_RESTART = frozenset(
-    {"command", "env", "environment", "cwd", "ready", "stdout", "stderr", "stop_signal", "socket_mode", "backlog"}
+    {
+        "command",
+        "env",
+        "environment",
+        "cwd",
+        "ready",
+        "stdout",
+        "stderr",
+        "stop_signal",
+        "socket_mode",
+        "socket_group",
+        "backlog",
+    }
 )
 # Applied to the running workers and to every later spawn.
 TIMEOUTS = frozenset({"spawn_timeout", "online_timeout", "shutdown_timeout", "kill_timeout", "linger"})

@@ -136,6 +136,7 @@ def spec_to_dict(spec: WorkerSpec) -> dict[str, Any]:
         "stop_signal": spec.stop_signal.name,
         "socket_mode": spec.socket_mode,
         "backlog": spec.backlog,
+        "socket_group": spec.socket_group,
     }
 
 
@@ -156,6 +157,7 @@ def spec_from_dict(data: Any) -> WorkerSpec:
             stop_signal=signal.Signals[data["stop_signal"]],
             socket_mode=int(data["socket_mode"]),
             backlog=int(data["backlog"]),
+            socket_group=int(data["socket_group"]) if data.get("socket_group") is not None else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a worker spec: {exc}") from None

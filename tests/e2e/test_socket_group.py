@@ -12,6 +12,7 @@ import grp
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonFactory, NginxFactory
-from support.daemon import tinyapp_command
+from support.daemon import REPO, tinyapp_command
 from support.http import tcp_get
 
 pytestmark = pytest.mark.e2e
@@ -67,3 +68,36 @@ def test_without_socket_group_the_log_names_the_command_that_gives_nginx_access(
         rf"nginx's user www-data cannot reach the sockets in {fresh_tmp_dir} .*set socket_group = \"www-data\" "
         rf".*`chgrp www-data {fresh_tmp_dir} && chmod 2750 {fresh_tmp_dir}`"
     )
+
+
+def test_an_unmodified_gunicorn_behind_nginx_as_www_data_with_no_manual_step(
+    start_daemon: DaemonFactory, start_nginx: NginxFactory, fresh_tmp_dir: Path
+) -> None:
+    """The newcomer's setup: gunicorn as it comes (it reports READY=1 over sd_notify and
+    sets its socket's owner and group itself), a tmp_dir the daemon creates, nginx as
+    www-data. No chgrp, no chmod, no ready = "socket"."""
+    gunicorn = [str(Path(sys.executable).parent / "gunicorn"), "--bind", "unix:{socket}", "--workers", "2"]
+    daemon = start_daemon(
+        {
+            "command": [
+                *gunicorn,
+                "--no-control-socket",
+                "--worker-class",
+                "gthread",
+                "--keep-alive",
+                "75",
+                "wsgi_app:app",
+            ],
+            "cwd": str(REPO / "tests" / "apps"),
+            "workers": 2,
+            "socket_group": NGINX_GROUP,
+            "tmp_dir": str(fresh_tmp_dir),
+        }
+    )
+    before = daemon.wait_ready(2, timeout=30)
+    nginx = start_nginx([fresh_tmp_dir / f"app.{i}.sock" for i in range(2)], keepalive=True, user=NGINX_GROUP)
+    assert all(tcp_get(nginx.port, "/").status == 200 for _ in range(4))
+    assert daemon.cli("restart").returncode == 0  # the new generation's sockets get the group too
+    assert not {w["pid"] for w in before["workers"]} & daemon.published_pids()
+    assert all(tcp_get(nginx.port, "/").status == 200 for _ in range(4))
+    assert nginx.errors() == []

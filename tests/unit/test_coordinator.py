@@ -133,3 +133,34 @@ def test_an_operation_outlives_a_caller_that_went_away() -> None:
         assert deploy.ended == "done" and c.operation is None
 
     run(scenario)
+
+
+def test_no_command_slips_in_while_a_stop_waits_for_the_cancelled_operation() -> None:
+    async def scenario() -> None:
+        c, deploy, stop = Coordinator(), Op(), Op()
+        cancelling, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def slow_to_cancel() -> str:
+            deploy.started.set()
+            try:
+                await deploy.release.wait()
+            except asyncio.CancelledError:
+                cancelling.set()
+                await cancelled.wait()  # killing what it started takes a moment
+                raise
+            return "result"
+
+        deploying = asyncio.ensure_future(c.run("restart", slow_to_cancel))
+        await deploy.started.wait()
+        stopping = asyncio.ensure_future(c.run("stop", stop, kind="preempting"))
+        await cancelling.wait()  # the stop waits for the restart to finish cancelling
+        with pytest.raises(Busy, match="a stop is in progress"):
+            await c.run("start", Op())
+        cancelled.set()
+        await stop.started.wait()
+        stop.release.set()
+        await stopping
+        with pytest.raises(asyncio.CancelledError):
+            await deploying
+
+    run(scenario)

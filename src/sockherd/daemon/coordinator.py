@@ -53,6 +53,7 @@ class Coordinator:
         self._commands_waiting = 0
         self._no_command_waiting = asyncio.Event()
         self._no_command_waiting.set()
+        self._preempting_waiting: list[str] = []  # stops waiting for a cancelled holder
 
     @property
     def operation(self) -> str | None:
@@ -87,8 +88,13 @@ class Coordinator:
         return await asyncio.shield(task)
 
     async def _take_over(self, name: str, kind: Kind) -> None:
+        if kind == "exclusive" and self._preempting_waiting:
+            # A stop is taking over (its predecessor is still cancelling): not a gap to slip into.
+            raise Busy(f"busy: a {self._preempting_waiting[-1]} is in progress; try again when it is done")
         self._commands_waiting += 1
         self._no_command_waiting.clear()
+        if kind == "preempting":
+            self._preempting_waiting.append(name)
         try:
             while (holder := self._holding()) is not None:
                 if kind == "exclusive" and holder.kind != "yielding":
@@ -99,6 +105,8 @@ class Coordinator:
                 await asyncio.wait({holder.task})  # never raises: the holder's fate is its own caller's
                 self._refuse_if_quitting(name, kind)
         finally:
+            if kind == "preempting":
+                self._preempting_waiting.remove(name)
             self._commands_waiting -= 1
             if self._commands_waiting == 0:
                 self._no_command_waiting.set()

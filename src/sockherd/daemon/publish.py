@@ -19,6 +19,7 @@ import os
 import pwd
 import re
 import secrets
+import shutil
 import socket
 import stat
 from dataclasses import dataclass
@@ -241,7 +242,7 @@ def nginx_access_problem(tmp_dir: Path, group: int | None) -> str | None:
     ``socket_mode``): as tmp_dir's owner, in its group, or through its "other" bits.
     """
     user = next((u for u in NGINX_USERS if _exists_user(u)), None)
-    if user is None:
+    if user is None or not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
         return None
     entry = pwd.getpwnam(user)
     groups = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if user in g.gr_mem)}

@@ -199,7 +199,7 @@ def _run_client_command(args: argparse.Namespace) -> int:
 
 def _status_of_a_dead_daemon(ipc: Path, unreachable: DaemonUnreachable, *, as_json: bool) -> int:
     """No daemon answers: say what its state file shows still running (start times verified)."""
-    from sockherd.daemon.state_file import daemon_alive, live_workers, read_state
+    from sockherd.daemon.state_file import daemon_alive, live_workers, read_state  # only here: keeps the CLI light
 
     state = read_state(ipc.with_name(ipc.name + ".state.json"))
     if state is None:

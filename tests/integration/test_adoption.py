@@ -21,17 +21,12 @@ from conftest import DaemonFactory
 from support.daemon import RunningDaemon, tinyapp_command, wait_for
 
 
-def app_pids(daemon: RunningDaemon) -> set[int]:
-    return {p.pid for p in daemon.worker_processes()}
-
-
 def managed_pids(daemon: RunningDaemon) -> set[int]:
     return {w["pid"] for w in daemon.status()["workers"]}
 
 
 def recorded_pids(daemon: RunningDaemon) -> set[int]:
-    state = json.loads((daemon.tmp_dir / "sockherd.ipc.state.json").read_text())
-    return {w["pid"] for w in state["workers"] if w["pid"]}
+    return {w["pid"] for w in daemon.state_file()["workers"] if w["pid"]}
 
 
 def successor(start_daemon: DaemonFactory, first: RunningDaemon, settings: dict[str, Any]) -> RunningDaemon:
@@ -65,11 +60,11 @@ def test_a_new_daemon_adopts_the_workers_of_a_killed_one(start_daemon: DaemonFac
     second.wait_log(r"published worker #0 .* as app\.0\.sock", start=mark)
     # ... a restart replaces every adopted worker, ...
     assert second.cli("restart").returncode == 0
-    wait_for(lambda: not (app_pids(second) & set(before.values())), 10, "the adopted workers to be gone")
-    assert app_pids(second) == managed_pids(second)
+    wait_for(lambda: not (second.worker_pids() & set(before.values())), 10, "the adopted workers to be gone")
+    assert second.worker_pids() == managed_pids(second)
     # ... and a stop leaves nothing.
     assert second.cli("stop").returncode == 0
-    assert app_pids(second) == set()
+    assert second.worker_pids() == set()
 
 
 def test_a_worker_that_died_meanwhile_is_replaced_and_its_symlink_fixed(start_daemon: DaemonFactory) -> None:
@@ -130,7 +125,7 @@ def test_sigkill_in_the_middle_of_a_restart_leaves_one_generation(start_daemon: 
     mark = first.mark()
     restart = first.cli_background("restart")
     first.wait_log(r"spawned \(generation 2\)", start=mark)
-    wait_for(lambda: len(app_pids(first)) == 4, 10, "the new generation's processes")
+    wait_for(lambda: len(first.worker_pids()) == 4, 10, "the new generation's processes")
     if recorded:
         wait_for(lambda: len(recorded_pids(first)) == 4, 10, "the state file to name all four")
     second = successor(start_daemon, first, settings)
@@ -144,11 +139,11 @@ def test_sigkill_in_the_middle_of_a_restart_leaves_one_generation(start_daemon: 
     assert adopted - retired == 2 and retired + strays == 2, line.string
     if recorded:
         assert (adopted, retired, strays) == (4, 2, 0), line.string
-    wait_for(lambda: app_pids(second) == old, 15, "only the published generation to be left")
+    wait_for(lambda: second.worker_pids() == old, 15, "only the published generation to be left")
     status = second.wait_ready(2)
     assert {w["pid"] for w in status["workers"]} == old
     assert {w["generation"] for w in status["workers"]} == {1}
-    assert app_pids(second) == managed_pids(second)
+    assert second.worker_pids() == managed_pids(second)
 
 
 def test_a_daemon_that_is_alive_but_silent_is_not_doubled(start_daemon: DaemonFactory, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from conftest import DaemonFactory
-from support.daemon import REPO, RunningDaemon, tinyapp_command, wait_for, write_config
+from support.daemon import REPO, tinyapp_command, wait_for, write_config
 
 
 def group_of(pid: int) -> set[int]:
@@ -31,15 +31,6 @@ def group_of(pid: int) -> set[int]:
     return members
 
 
-def state_file(daemon: RunningDaemon) -> dict[str, Any]:
-    state: dict[str, Any] = json.loads((daemon.tmp_dir / "sockherd.ipc.state.json").read_text())
-    return state
-
-
-def app_processes(daemon: RunningDaemon) -> set[int]:
-    return {p.pid for p in daemon.worker_processes()}
-
-
 def test_a_sigkilled_leaders_children_die_with_it(start_daemon: DaemonFactory) -> None:
     wrapper = f"sleep 300 & exec {sys.executable} {REPO}/tests/apps/tinyapp.py {{socket}}"
     daemon = start_daemon({"command": ["sh", "-c", wrapper], "ready": "socket", "kill_timeout": 2})
@@ -51,7 +42,7 @@ def test_a_sigkilled_leaders_children_die_with_it(start_daemon: DaemonFactory) -
     status = daemon.wait_ready(1)
     assert status["workers"][0]["pid"] != leader
     assert daemon.cli("stop").returncode == 0
-    wait_for(lambda: not app_processes(daemon), 5, "every process to be gone after stop")
+    wait_for(lambda: not daemon.worker_pids(), 5, "every process to be gone after stop")
 
 
 def test_a_stop_right_after_a_large_start_leaves_no_process(start_daemon: DaemonFactory) -> None:
@@ -66,7 +57,7 @@ def test_a_stop_right_after_a_large_start_leaves_no_process(start_daemon: Daemon
     result = daemon.cli("stop")
     assert result.returncode == 0, result.stderr
     starter.join(30)
-    assert app_processes(daemon) == set()
+    assert daemon.worker_pids() == set()
     assert daemon.status()["workers"] == []
 
 
@@ -80,7 +71,7 @@ def test_sigterm_right_before_a_restart_command_leaves_no_process(start_daemon: 
     # Refused ("shutting down"), interrupted, or too late to connect: whichever it was,
     # no generation is left running.
     assert restart.returncode in (1, 3), err
-    assert app_processes(daemon) == set()
+    assert daemon.worker_pids() == set()
 
 
 def test_sigterm_in_the_middle_of_a_restart_leaves_no_process_of_either_generation(
@@ -95,7 +86,7 @@ def test_sigterm_in_the_middle_of_a_restart_leaves_no_process_of_either_generati
     _, err = restart.communicate(timeout=30)
     assert restart.returncode == 1 and "interrupted" in err, err
     assert daemon.proc.wait(30) == 0
-    assert app_processes(daemon) == set()
+    assert daemon.worker_pids() == set()
     assert not (daemon.tmp_dir / "sockherd.ipc.state.json").exists()  # nothing left to tell
 
 
@@ -105,16 +96,16 @@ def test_the_state_file_names_every_live_worker(start_daemon: DaemonFactory) -> 
     wait_for(lambda: len(daemon.status()["workers"]) == 3, 10, "the standby")
 
     def named() -> set[int]:
-        return {w["pid"] for w in state_file(daemon)["workers"]}
+        return {w["pid"] for w in daemon.state_file()["workers"]}
 
-    assert named() == app_processes(daemon)
-    state = state_file(daemon)
+    assert named() == daemon.worker_pids()
+    state = daemon.state_file()
     assert state["daemon"]["pid"] == daemon.proc.pid and state["desired"]["standby"] == 1
     assert all(w["start_time"] for w in state["workers"])
     assert daemon.cli("restart").returncode == 0
-    wait_for(lambda: len(app_processes(daemon)) == 3, 10, "the old generation to exit")
-    wait_for(lambda: named() == app_processes(daemon), 2, "the state file to catch up")
-    assert state_file(daemon)["generations"]["current"] == 2
+    wait_for(lambda: len(daemon.worker_pids()) == 3, 10, "the old generation to exit")
+    wait_for(lambda: named() == daemon.worker_pids(), 2, "the state file to catch up")
+    assert daemon.state_file()["generations"]["current"] == 2
 
 
 def test_status_of_a_dead_daemon_lists_the_workers_still_running(start_daemon: DaemonFactory) -> None:
@@ -146,7 +137,7 @@ def test_a_restart_while_a_stop_runs_is_busy_and_nothing_runs_after(start_daemon
     assert restart.returncode == 1 and "busy: a stop is in progress" in restart.stderr, restart.stderr
     stop.communicate(timeout=10)
     assert stop.returncode == 0
-    assert app_processes(daemon) == set() and daemon.status()["daemon"]["state"] == "stopped"
+    assert daemon.worker_pids() == set() and daemon.status()["daemon"]["state"] == "stopped"
 
 
 def test_a_reload_while_stopped_is_what_the_next_start_runs(start_daemon: DaemonFactory) -> None:
@@ -157,7 +148,7 @@ def test_a_reload_while_stopped_is_what_the_next_start_runs(start_daemon: Daemon
     write_config(daemon.config_path, {**settings, "tmp_dir": str(daemon.tmp_dir), "workers": 3, "standby": 1})
     reload = daemon.cli("reload")
     assert reload.returncode == 0 and "`sockherd start` runs the new config" in reload.stdout, reload.stdout
-    assert app_processes(daemon) == set()
+    assert daemon.worker_pids() == set()
     assert daemon.cli("start").returncode == 0
     status = daemon.wait_ready(3)
     assert status["daemon"]["workers"] == 3 and status["daemon"]["standby"] == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,19 +17,7 @@ import psutil
 import pytest
 
 from conftest import DaemonFactory
-from support.daemon import REPO, short_tmp_dir, tinyapp_command, wait_for, write_config
-
-
-def run_daemon_once(config: Path, *, without_dac_override: bool = False) -> subprocess.CompletedProcess[str]:
-    """Start a daemon that is expected to refuse to start.
-
-    ``without_dac_override``: root minus the capability that lets it write anywhere, so
-    file modes bind it like any user (switching uid would lose this Python: it lives
-    under /root here).
-    """
-    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if without_dac_override else []
-    argv = [*prefix, sys.executable, "-m", "sockherd", "daemon", "-c", str(config)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, cwd="/")
+from support.daemon import REPO, run_daemon_once, short_tmp_dir, tinyapp_command, wait_for, write_config
 
 
 @pytest.mark.parametrize("plant", ["symlink", "file", "directory"])

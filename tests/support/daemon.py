@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -179,6 +180,15 @@ class RunningDaemon:
             text=True,
         )
 
+    def worker_pids(self) -> set[int]:
+        """Pids of every live process started for this daemon (zombies aside)."""
+        return {p.pid for p in self.worker_processes()}
+
+    def state_file(self) -> dict[str, Any]:
+        """The herd as the daemon last persisted it in tmp_dir."""
+        state: dict[str, Any] = json.loads((self.ipc.parent / (self.ipc.name + ".state.json")).read_text())
+        return state
+
     def worker_processes(self) -> list[psutil.Process]:
         """Every live process started for this daemon (found by its IPC path in the environment)."""
         found = []
@@ -205,6 +215,18 @@ class RunningDaemon:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def run_daemon_once(config: Path, *, without_dac_override: bool = False) -> subprocess.CompletedProcess[str]:
+    """Start a daemon that is expected to refuse to start.
+
+    ``without_dac_override``: root minus the capability that lets it write anywhere, so
+    file modes bind it like any user (switching uid would lose this Python: it lives
+    under /root here).
+    """
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if without_dac_override else []
+    argv = [*prefix, sys.executable, "-m", "sockherd", "daemon", "-c", str(config)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, cwd="/")
 
 
 def tinyapp_command(*flags: str) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sockherd.config import WorkerSpec
 from sockherd.daemon.herd import Herd
 from sockherd.daemon.process import Generation, Worker, WorkerState
 from sockherd.daemon.publish import publish_symlink, published_target
@@ -104,7 +105,7 @@ def adopt(herd: Herd, state: dict[str, Any]) -> Adoption:
     return result
 
 
-def _adopt_worker(herd: Herd, record: dict[str, Any], specs: dict[int, Any], result: Adoption) -> Worker | None:
+def _adopt_worker(herd: Herd, record: dict[str, Any], specs: dict[int, WorkerSpec], result: Adoption) -> Worker | None:
     worker_id, pid, start_time = record.get("id"), record.get("pid"), record.get("start_time")
     if not isinstance(worker_id, str) or not isinstance(pid, int) or not isinstance(start_time, int):
         return None  # never spawned (pid unknown), or not a record of ours

@@ -70,12 +70,15 @@ def _check_slots(herd: Herd, indexes: range) -> None:
             raise DeployFailed(obstacle)
 
 
-def _publish_all(herd: Herd, started: list[Worker]) -> None:
+async def _publish_all(herd: Herd, started: list[Worker]) -> None:
+    """Publish the started workers; if one cannot be (an obstacle planted since the check,
+    tmp_dir gone), stop those not published and raise DeployFailed, never OSError."""
     try:
         for worker in started:
             if worker.index is not None:
                 herd.publish(worker.index, worker)
-    except OSError as exc:  # planted since the check, or tmp_dir gone: never an unhandled error
+    except OSError as exc:
+        await asyncio.gather(*(w.stop() for w in started if w not in herd.slots.values()))
         raise DeployFailed(f"cannot publish: {exc.strerror or exc} ({exc.filename})") from None
 
 
@@ -86,11 +89,7 @@ async def _deploy_atomic(herd: Herd, gen: Generation, target: Desired, attempts:
     indexes: list[int | None] = [*range(count), *([None] * standby)]
     started = await _start_together(herd, gen, indexes, attempts, progress, suspended=target.suspended)
     old = [w for w in herd.workers.values() if w.generation != gen.number]
-    try:
-        _publish_all(herd, started)
-    except DeployFailed:
-        await asyncio.gather(*(w.stop() for w in started if w not in herd.slots.values()))
-        raise
+    await _publish_all(herd, started)
     herd.flush_state()  # the swap is the moment a successor must know about
     for index in [i for i in herd.slots if i >= count]:  # fewer workers than before
         herd.unpublish(index)
@@ -157,11 +156,7 @@ async def scale_workers(herd: Herd, count: int, attempts: int, progress: Progres
         _check_slots(herd, range(before, count))
         progress(f"starting worker(s) {before}..{count - 1}")
         started = await _start_together(herd, gen, list(new), attempts, progress, suspended=herd.suspended)
-        try:
-            _publish_all(herd, started)
-        except DeployFailed:
-            await asyncio.gather(*(w.stop() for w in started if w not in herd.slots.values()))
-            raise
+        await _publish_all(herd, started)
     elif count < before:
         victims = [w for i in sorted(herd.slots, reverse=True) if i >= count and (w := herd.unpublish(i))]
         progress(f"unpublished {len(victims)} slot(s); stopping their workers")

@@ -29,10 +29,6 @@ class Operations:
         self._coordinator = herd.coordinator
         self._load = load
 
-    @property
-    def quitting(self) -> bool:
-        return self._coordinator.quitting
-
     async def start(self, attempts: int, progress: Progress, *, suspended: bool = False) -> bool:
         """Bring the workers up if they are not. False when they already were."""
 

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 
+from sockherd import __version__
+
 log = logging.getLogger("sockherd")
 
 ENV = "SOCKHERD_UPGRADE"
@@ -94,7 +96,7 @@ def exec_in_place(
         "request_id": request_id,
         "attempts": attempts,
         "suspended": suspended,
-        "previous_version": _running_version(),
+        "previous_version": __version__,
     }
     argv = [sys.executable, "-m", "sockherd", *sys.argv[1:]]
     env = {**os.environ, ENV: json.dumps(handoff)}
@@ -114,9 +116,3 @@ def exec_in_place(
                 os.set_inheritable(fd, False)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         raise
-
-
-def _running_version() -> str:
-    from sockherd import __version__
-
-    return __version__

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -58,9 +59,12 @@ class Environment:
     socket_mode: int = DEFAULT_SOCKET_MODE
     backlog: int = socket.SOMAXCONN
     notify_socket: str | None = None
+    # Shared listeners handed over systemd-style: this many fds from 3, with their names.
+    listen_fds: int = 0
+    listen_names: tuple[str, ...] = ()
 
 
-def read_environment(environ: Mapping[str, str]) -> Environment:
+def read_environment(environ: Mapping[str, str], pid: int | None = None) -> Environment:
     """Parse the worker environment. A malformed value raises ValueError naming the variable.
 
     Failing loudly is deliberate: the daemon always sets valid values, so a bad one is a
@@ -91,6 +95,7 @@ def read_environment(environ: Mapping[str, str]) -> Environment:
     suspended_text = get("SOCKHERD_SUSPENDED") or "0"
     if suspended_text not in ("0", "1"):
         raise ValueError(f"SOCKHERD_SUSPENDED must be 0 or 1, got {suspended_text!r}")
+    listen_fds, listen_names = _listen_fds(environ, os.getpid() if pid is None else pid)
     env = Environment(
         socket_path=get("SOCKHERD_SOCKET"),
         worker_id=get("SOCKHERD_WORKER_ID"),
@@ -100,10 +105,27 @@ def read_environment(environ: Mapping[str, str]) -> Environment:
         socket_mode=mode,
         backlog=backlog,
         notify_socket=get("NOTIFY_SOCKET"),
+        listen_fds=listen_fds,
+        listen_names=listen_names,
     )
     if env.ipc_path is not None and env.worker_id is None:
         raise ValueError("SOCKHERD_IPC is set but SOCKHERD_WORKER_ID is not: the daemon could not tell who is calling")
     return env
+
+
+def _listen_fds(environ: Mapping[str, str], pid: int) -> tuple[int, tuple[str, ...]]:
+    """systemd's ``sd_listen_fds``: meant for this process only if ``LISTEN_PID`` names it
+    (a child that inherited the variables must not take descriptors that are not its own)."""
+    count_text, pid_text = environ.get("LISTEN_FDS"), environ.get("LISTEN_PID")
+    if not count_text or not pid_text:
+        return 0, ()
+    count = _parse(count_text, "LISTEN_FDS", "a positive integer", int)
+    if _parse(pid_text, "LISTEN_PID", "a process id", int) != pid or count <= 0:
+        return 0, ()
+    names = tuple((environ.get("LISTEN_FDNAMES") or "").split(":"))
+    if len(names) != count:
+        names = tuple("unknown" for _ in range(count))  # as systemd fills in missing names
+    return count, names
 
 
 def _parse(text: str, name: str, expected: str, convert: Callable[[str], int]) -> int:

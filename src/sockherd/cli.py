@@ -145,13 +145,29 @@ def _run_daemon(args: argparse.Namespace) -> int:
         port = config.dev_server or 8000
     elif args.dev_server is not None:
         port = args.dev_server
+    if port is not None and config.listen:
+        print(
+            f"sockherd: --dev-server is for per-worker sockets; with `listen` ({config.path}) the workers "
+            f"already serve on {', '.join(config.listen)}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
+    from sockherd.daemon.listeners import close_on_exec_strays, take_activated
     from sockherd.daemon.upgrade import take_inherited
 
     inherited = take_inherited()  # set when this image is an upgrade of the one before (same pid)
+    activated = take_activated(os.environ)  # systemd socket activation
+    close_on_exec_strays()
 
     async def run() -> int:
-        daemon = Daemon(config, dev_server_port=port, start_workers=not args.no_start, inherited=inherited)
+        daemon = Daemon(
+            config,
+            dev_server_port=port,
+            start_workers=not args.no_start,
+            inherited=inherited,
+            activated=activated,
+        )
         return await daemon.run()
 
     try:

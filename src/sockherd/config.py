@@ -114,6 +114,7 @@ class Config:
     dev_server: int | None
     max_memory: int | None
     max_age: float | None
+    pidfile: Path | None = None
 
     @property
     def ipc_path(self) -> Path:
@@ -169,6 +170,7 @@ class Config:
             "backlog": spec.backlog,
             "max_memory": self.max_memory,
             "max_age": self.max_age,
+            "pidfile": None if self.pidfile is None else str(self.pidfile),
         }
 
 
@@ -307,6 +309,7 @@ def load_config(
     ctx = Context(first.parent, home)
     parsed = {setting.key: _parse(setting, values, origins, ctx, layers[-1].shown) for setting in SETTINGS}
     _check_socket_paths(parsed, origins["tmp_dir"])
+    _check_listener_mode(parsed, origins, layers[-1].shown)
     return _build(first, tuple(layer.path for layer in layers), parsed)
 
 
@@ -352,6 +355,23 @@ def _check_socket_paths(parsed: dict[str, Any], origin: str) -> None:
         )
 
 
+def _check_listener_mode(parsed: dict[str, Any], origins: dict[str, str], first: str) -> None:
+    """What has no meaning when every worker accepts from the daemon's shared listeners."""
+    if not parsed["listen"]:
+        return
+    if parsed["standby"]:
+        raise ConfigError(
+            f"{origins.get('standby', first)}: key 'standby': standby workers need per-worker sockets, not `listen`: "
+            "a standby on the shared listener would take connections before it is promoted (and with `listen` a "
+            "dead worker's connections wait in the queue for the others, so no standby is needed); set standby = 0"
+        )
+    if parsed["dev_server"] is not None:
+        raise ConfigError(
+            f"{origins.get('dev_server', first)}: key 'dev_server': not with `listen`: the workers already serve "
+            f"on {', '.join(parsed['listen'])}; connect there (a `tcp://127.0.0.1:8000` listener serves locally)"
+        )
+
+
 def _build(path: Path, files: tuple[Path, ...], values: dict[str, Any]) -> Config:
     worker = WorkerSpec(
         command=values["command"],
@@ -391,4 +411,5 @@ def _build(path: Path, files: tuple[Path, ...], values: dict[str, Any]) -> Confi
         dev_server=values["dev_server"],
         max_memory=values["max_memory"],
         max_age=values["max_age"],
+        pidfile=values["pidfile"],
     )

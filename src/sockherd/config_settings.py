@@ -460,7 +460,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             environment),
     Setting("cwd", "path", ".", "working directory of workers", path, default_doc="the config file's directory"),
     Setting("listen", "list of strings", [],
-            'shared listeners handed to workers, e.g. `["tcp://127.0.0.1:8000", "unix:///run/app.sock"]`', listen),
+            "shared listeners the daemon binds and hands to every worker (`LISTEN_FDS`), e.g. "
+            '`["tcp://127.0.0.1:8000", "unix:///run/app/app.sock"]`; no per-worker sockets, symlinks or standbys '
+            "then (docs/concepts.md, \"Two listener modes\")", listen),
     Setting("dev_server", "boolean or integer", False, "local TCP proxy to the workers: `true` (port 8000) or a port",
             dev_server),
     Setting("stdout", "path or false", False,
@@ -500,6 +502,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("max_age", "seconds or false", False,
             "recycle a worker after this many seconds, with jitter; `false`: never",
             seconds(allow_false=True), default_doc="none"),
+    Setting("pidfile", "path or false", False,
+            "file the daemon writes its pid to (removed when it exits); `false`: none", optional_path,
+            default_doc="none"),
     Setting("extends", "path", False, "another config file (relative to this one) whose keys this one overrides", None,
             default_doc="none"),
 )  # fmt: skip

@@ -3,7 +3,8 @@
     python -m sockherd.uvicorn MODULE:APP [--timeout-keep-alive N] [--log-level L] [--factory]
 
 or ``sockherd.uvicorn.run(app, **uvicorn_config_kwargs)`` from a script. Under sockherd
-the worker binds ``SOCKHERD_SOCKET`` (mode and backlog as the daemon says), reports
+the worker binds ``SOCKHERD_SOCKET`` (mode and backlog as the daemon says) or serves on
+the daemon's shared listeners (``listen``, handed over as ``LISTEN_FDS``), reports
 online once uvicorn has started, and turns the daemon's ``shutdown`` into a staged
 drain (see :meth:`SockherdServer.shutdown`). Without sockherd it is plain
 ``uvicorn.run(app, host="127.0.0.1", port=8000, ...)``.
@@ -69,8 +70,11 @@ class SockherdServer(uvicorn.Server):
     ``default_headers``) and ``.transport``, and ``shutdown()``.
     """
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, *, shared: bool = False) -> None:
         super().__init__(config)
+        # Serving on the daemon's shared listeners: their queue belongs to every worker,
+        # so a drain stops accepting at once and leaves what waits to the others.
+        self.shared = shared
         self._draining = False
         self._hurry = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,7 +98,8 @@ class SockherdServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
-            logger.info("sockherd worker %s serving on %s", worker.id, worker.socket_path)
+            where = ", ".join(worker.listener_names()) if self.shared else worker.socket_path
+            logger.info("sockherd worker %s serving on %s", worker.id, where)
             worker.report_online()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -109,7 +114,8 @@ class SockherdServer(uvicorn.Server):
            this worker's connections (done first: the sooner nginx learns, the fewer idle
            connections are left to close).
         2. Keep accepting until the listen backlog has stayed empty for a moment (the
-           daemon lingers after moving the symlink, so the backlog only drains).
+           daemon lingers after moving the symlink, so the backlog only drains). Not on
+           shared listeners: the other workers accept what waits there.
         3. Stop accepting, let accepted connections attach, close the listeners.
         4. Wait for in-flight requests. An idle keep-alive connection is closed only after
            it has been seen idle for ``IDLE_GRACE``: nginx may be writing a request into
@@ -124,10 +130,11 @@ class SockherdServer(uvicorn.Server):
         self._respond_with_close()
         logger.info("Shutting down: draining connections")
 
-        backlog_timeout = min(BACKLOG_TIMEOUT, _remaining(deadline, loop))
-        await asyncio.gather(
-            *(drain.wait_backlog_quiet(s, BACKLOG_QUIET, timeout=backlog_timeout) for s in self.servers)
-        )
+        if not self.shared:
+            backlog_timeout = min(BACKLOG_TIMEOUT, _remaining(deadline, loop))
+            await asyncio.gather(
+                *(drain.wait_backlog_quiet(s, BACKLOG_QUIET, timeout=backlog_timeout) for s in self.servers)
+            )
         await asyncio.gather(*(drain.close_after_attach(s) for s in self.servers))
         for sock in sockets or []:
             sock.close()
@@ -204,12 +211,14 @@ def run(app: str | ASGIApp, **kwargs: Any) -> None:
     """Serve ``app`` ("module:attribute" or the ASGI callable) with uvicorn.
 
     Keyword arguments go to ``uvicorn.Config``. Under sockherd, ``host``, ``port``,
-    ``uds`` and ``fd`` are ignored (the worker binds ``SOCKHERD_SOCKET``), ``backlog``
+    ``uds`` and ``fd`` are ignored (the worker binds ``SOCKHERD_SOCKET``, or serves on
+    the daemon's shared listeners), ``backlog``
     defaults to the daemon's, and ``reload``/``workers`` are refused: the daemon owns
     the processes. Standalone, this is ``uvicorn.run`` on 127.0.0.1:8000.
     """
     kwargs.setdefault("timeout_keep_alive", DEFAULT_TIMEOUT_KEEP_ALIVE)
-    if worker.socket_path is None:
+    shared = worker.listeners()
+    if worker.socket_path is None and not shared:
         kwargs.setdefault("host", "127.0.0.1")
         kwargs.setdefault("port", 8000)
         uvicorn.run(app, **kwargs)
@@ -218,20 +227,22 @@ def run(app: str | ASGIApp, **kwargs: Any) -> None:
         raise ValueError("reload and workers are not available under sockherd: set `workers` in sockherd.toml")
     ignored = sorted(key for key in ("host", "port", "uds", "fd") if kwargs.pop(key, None) is not None)
     if ignored:
-        logger.warning("sockherd: ignoring %s: the worker serves on %s", ", ".join(ignored), worker.socket_path)
+        where = ", ".join(worker.listener_names()) if shared else worker.socket_path
+        logger.warning("sockherd: ignoring %s: the worker serves on %s", ", ".join(ignored), where)
     app_dir = kwargs.pop("app_dir", None)
     if app_dir is not None:
         sys.path.insert(0, app_dir)
     kwargs.setdefault("backlog", worker.backlog)  # else create_server re-listens with uvicorn's 2048
 
-    server = SockherdServer(uvicorn.Config(app, **kwargs))
-    sock = worker.bind_socket()
+    server = SockherdServer(uvicorn.Config(app, **kwargs), shared=bool(shared))
+    sockets = shared or [worker.bind_socket()]
     worker.set_shutdown_handler(server.request_exit)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
         worker.set_shutdown_handler(None)
-        sock.close()
+        for sock in sockets:
+            sock.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,8 @@ __all__ = [
     "id",
     "index",
     "ipc_path",
+    "listener_names",
+    "listeners",
     "on_resume",
     "on_shutdown",
     "read_environment",
@@ -317,6 +319,35 @@ def set_shutdown_handler(fn: Callable[[], None] | None) -> None:
 _umask_lock = threading.Lock()
 
 
+_listeners: list[socket.socket] | None = None
+_listeners_lock = threading.Lock()
+
+
+def listeners() -> list[socket.socket]:
+    """The shared listeners the daemon handed over (``listen`` in sockherd.toml), or [].
+
+    systemd's protocol, so this also takes sockets from systemd socket activation:
+    ``LISTEN_FDS`` descriptors from fd 3, meant for this process only when ``LISTEN_PID``
+    is its pid. Every call returns the same socket objects (made close-on-exec, as
+    ``sd_listen_fds`` does); their names (``LISTEN_FDNAMES``) are in :func:`listener_names`.
+    With shared listeners there is no :data:`socket_path`: serve on these instead.
+    """
+    global _listeners
+    with _listeners_lock:
+        if _listeners is None:
+            found = []
+            for fd in range(3, 3 + _env.listen_fds):
+                os.set_inheritable(fd, False)
+                found.append(socket.socket(fileno=fd))
+            _listeners = found
+        return list(_listeners)
+
+
+def listener_names() -> list[str]:
+    """``LISTEN_FDNAMES``, one per :func:`listeners` entry (the daemon names each by its address)."""
+    return list(_env.listen_names)
+
+
 def bind_socket() -> socket.socket:
     """Create the listening socket at :data:`socket_path`, with :data:`socket_mode` and :data:`backlog`.
 
@@ -327,6 +358,11 @@ def bind_socket() -> socket.socket:
     The backlog is explicit because a full UNIX backlog makes nginx fail at once (EAGAIN).
     """
     path = _env.socket_path
+    if path is None and _env.listen_fds:
+        raise RuntimeError(
+            "sockherd.worker.bind_socket(): this worker serves on the daemon's shared listeners (`listen`), "
+            "not a socket of its own: serve on sockherd.worker.listeners()"
+        )
     if path is None:
         raise RuntimeError(
             "sockherd.worker.bind_socket(): SOCKHERD_SOCKET is not set, so this process is not a sockherd "

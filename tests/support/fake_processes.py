@@ -99,6 +99,9 @@ class FakeProcesses:
     async def probe_socket(self, path: Path) -> None:
         return None
 
+    async def probe_accepting(self, pid: int, inodes: frozenset[int]) -> None:
+        return None
+
     def set_socket_mode(self, path: Path, mode: int, gid: int | None) -> None:
         pass  # fake workers have no socket
 

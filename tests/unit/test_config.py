@@ -301,6 +301,7 @@ def test_every_default(tmp_path: Path) -> None:
         "backlog": kernel_somaxconn(),
         "max_memory": None,
         "max_age": None,
+        "pidfile": None,
     }
     assert config.worker.stop_signal is signal.SIGTERM
     assert config.worker.socket_mode == 0o660

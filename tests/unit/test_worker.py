@@ -85,6 +85,7 @@ def test_public_api_is_what_it_claims() -> None:
         *("report_online", "report_broken", "on_shutdown", "run_shutdown_hooks", "run_shutdown_hooks_async"),
         *("set_shutdown_handler", "bind_socket", "Environment", "read_environment"),
         *("resumed", "wait_resumed", "wait_resumed_async", "on_resume"),
+        *("listeners", "listener_names"),
     }
     assert all(hasattr(worker, name) for name in worker.__all__)
     assert set(worker.__all__) <= set(dir(worker))  # index and suspended are live: served by __getattr__
@@ -101,6 +102,21 @@ def test_environment_standalone() -> None:
     assert env.suspended is False
     assert env.socket_mode == DEFAULT_SOCKET_MODE
     assert env.backlog >= 1
+
+
+def test_listen_fds_are_taken_only_by_the_process_they_name() -> None:
+    environ = {"LISTEN_FDS": "2", "LISTEN_PID": "4242", "LISTEN_FDNAMES": "tcp-127.0.0.1-8000:unix-/run/a.sock"}
+    env = read_environment(environ, pid=4242)
+    assert (env.listen_fds, env.listen_names) == (2, ("tcp-127.0.0.1-8000", "unix-/run/a.sock"))
+    # A child that inherited the variables (a server's own worker, a subprocess) takes nothing.
+    assert read_environment(environ, pid=4243).listen_fds == 0
+    # Names missing or miscounted: systemd's "unknown" for each, never a misattribution.
+    assert read_environment({"LISTEN_FDS": "2", "LISTEN_PID": "7"}, pid=7).listen_names == ("unknown", "unknown")
+
+
+def test_a_malformed_listen_fds_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="LISTEN_FDS"):
+        read_environment({"LISTEN_FDS": "two", "LISTEN_PID": "7"}, pid=7)
 
 
 def test_environment_from_the_daemon() -> None:

@@ -8,9 +8,11 @@ another is half done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +35,7 @@ from sockherd.daemon.lifecycle import (
     sd_notify,
     unblock_signals,
 )
+from sockherd.daemon.listeners import ListenerError, Listeners, open_listeners
 from sockherd.daemon.notify import NotifySocket
 from sockherd.daemon.operations import Operations
 from sockherd.daemon.processes import OsProcesses
@@ -45,9 +48,17 @@ from sockherd.daemon.publish import (
     sweep_tmp_dir,
 )
 from sockherd.daemon.reaper import Reaper
+from sockherd.daemon.state_file import write_atomically
 from sockherd.daemon.upgrade import Inherited
 
 log = logging.getLogger("sockherd")
+
+_ORIGINS = {
+    "bound": "bound by this daemon",
+    "systemd": "from systemd socket activation",
+    "upgrade": "kept across the upgrade",
+    "recovered": "taken back from a running worker",
+}
 
 
 class Daemon:
@@ -58,8 +69,10 @@ class Daemon:
         dev_server_port: int | None = None,
         start_workers: bool = True,
         inherited: Inherited | None = None,
+        activated: list[socket.socket] | None = None,
     ) -> None:
         self.inherited = inherited  # this image is an upgrade of the one before (same pid)
+        self._activated = activated or []  # systemd socket activation: LISTEN_FDS given to the daemon
         self._dev_server_port = dev_server_port
         self._start_workers = start_workers
         self.started_at = time.time()
@@ -126,13 +139,18 @@ class Daemon:
         raise_fd_limit()
         _set_title(f"sockherd daemon: {self.config.name} [{self.config.tmp_dir}]")
         reset_signal_dispositions()
-        adoption = succession.adopt_previous(self)  # before the reaper: a re-exec's dead children wait as zombies
+        state = succession.previous_state(self)
+        self.herd.listeners = self._open_listeners(state)
+        adoption = succession.adopt_previous(
+            self, state
+        )  # before the reaper: a re-exec's dead children wait as zombies
         self.reaper.install()
         try:
             await self.ipc.start()
             self.notify.open(self._loop)
         except OSError as exc:
             await self.ipc.close()
+            self.herd.listeners.close()
             where = self.config.tmp_dir
             raise DaemonError(f"cannot listen in {where}: {exc.strerror} ({exc.filename or ''})") from None
         for sig in HANDLED_SIGNALS:
@@ -141,6 +159,7 @@ class Daemon:
         self._link_watch.start(self._loop, self.herd.tmp_dir)
         dispatcher = asyncio.create_task(self._dispatch_signals(), name="signals")
         try:
+            self._write_pidfile()
             if self._dev_server_port is not None:
                 self.dev_server = DevServer(self._dev_server_port, self._published_paths)
                 try:
@@ -170,6 +189,49 @@ class Daemon:
         log.info("daemon exits")
         return 0
 
+    def _open_listeners(self, state: dict[str, Any] | None) -> Listeners:
+        """The shared listeners, for the daemon's whole life (see listeners.py for whence)."""
+        cfg = self.config
+        recorded, holders = succession.recorded_listeners(state) if self.inherited is None else ({}, [])
+        gid = cfg.worker.socket_group
+        if gid is None and self.herd.tmp_dir is not None:
+            gid = os.fstat(self.herd.tmp_dir.fd).st_gid
+        try:
+            listeners = open_listeners(
+                cfg.listen,
+                backlog=cfg.worker.backlog,
+                mode=cfg.worker.socket_mode,
+                gid=gid,
+                inherited=self.inherited.listeners if self.inherited is not None else None,
+                activated=self._activated,
+                recorded=recorded,
+                holders=holders,
+            )
+        except ListenerError as exc:
+            raise DaemonError(str(exc)) from None
+        for item in listeners.items:
+            log.info("listening on %s (%s)", item.address, _ORIGINS[item.origin])
+        if listeners and not cfg.listen:
+            log.info("serving on the %d socket(s) systemd passed (socket activation)", len(listeners))
+        return listeners
+
+    def _write_pidfile(self) -> None:
+        path = self.config.pidfile
+        if path is None:
+            return
+        try:
+            write_atomically(path, f"{os.getpid()}\n".encode(), mode=0o644)
+        except OSError as exc:
+            raise DaemonError(f"pidfile {path}: cannot write: {exc.strerror or exc}") from None
+
+    def _remove_pidfile(self) -> None:
+        path = self.config.pidfile
+        if path is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if int(path.read_text().strip()) == os.getpid():
+                os.unlink(path)
+
     async def _initial_start(self) -> None:
         try:
             await self.ops.start(self.config.max_start_attempts, log_progress)
@@ -187,6 +249,8 @@ class Daemon:
         for task in list(self._background):
             task.cancel()
         self.herd.close_state()
+        self.herd.listeners.close()
+        self._remove_pidfile()
         if self.dev_server is not None:
             await self.dev_server.close()
         await self.ipc.close()
@@ -321,6 +385,7 @@ class Daemon:
                 "operation": herd.operation,
                 "dev_server": self.dev_server.port if self.dev_server else None,
                 "dumpable": is_dumpable(),
+                "listeners": [item.address for item in herd.listeners.items],
             },
             "workers": herd.status(),
             "slots": herd.healer.slot_status(),

@@ -65,6 +65,8 @@ async def _start_together(
 
 def _check_slots(herd: Herd, indexes: range) -> None:
     """Refuse before anything starts if a slot's name cannot take a symlink."""
+    if herd.listeners:
+        return  # no symlinks: the workers share the daemon's listeners
     for index in indexes:
         if (obstacle := slot_obstacle(herd.config.symlink_path(index))) is not None:
             raise DeployFailed(obstacle)

@@ -36,6 +36,7 @@ from sockherd.daemon.coordinator import Coordinator
 from sockherd.daemon.desired import Desired
 from sockherd.daemon.guard import TmpDir
 from sockherd.daemon.healing import Healer
+from sockherd.daemon.listeners import Listeners
 from sockherd.daemon.process import Generation, StartError, Worker, WorkerState
 from sockherd.daemon.processes import ProcessLayer
 from sockherd.daemon.publish import publish_symlink, unpublish_symlink
@@ -72,6 +73,9 @@ class Herd:
         self._own_start_time = process_start_time(os.getpid())
         self._state = StateFile(state_path, self.snapshot) if state_path is not None else None
         self.tmp_dir: TmpDir | None = None  # held by the daemon once checked (guard.py)
+        # Shared listeners (``listen``), opened by the daemon for its whole life; empty:
+        # every worker binds its own socket and slots are published as symlinks.
+        self.listeners = Listeners()
 
     # -- the desired state (read here; written by operations) ---------------------------
 
@@ -140,7 +144,8 @@ class Herd:
         ):
             row = w.status()
             index = published.get(w.id)
-            row["symlink"] = str(self.config.symlink_path(index)) if index is not None else None
+            shown = index is not None and not self.listeners
+            row["symlink"] = str(self.config.symlink_path(index)) if shown and index is not None else None
             row["published"] = index is not None
             rows.append(row)
         return rows
@@ -185,6 +190,7 @@ class Herd:
                 for w in self.workers.values()
             ],
             "slots": {str(i): w.id for i, w in sorted(self.slots.items())},
+            "listeners": self.listeners.record(),
         }
 
     def _live_specs(self) -> dict[int, WorkerSpec]:
@@ -252,6 +258,7 @@ class Herd:
             suspended=suspended or index is None,  # standbys always start suspended
             worker_id=worker_id,
             socket_gid=gen.spec.socket_group if gen.spec.socket_group is not None else self._tmp_dir_gid(),
+            listeners=self.listeners,
         )
         self.workers[worker.id] = worker
         self.changed()
@@ -308,15 +315,23 @@ class Herd:
                 raise DeployFailed(exc.strerror or str(exc)) from None
 
     def publish(self, index: int, worker: Worker) -> None:
-        """Point slot ``index`` at ``worker``. OSError (TmpDirReplaced too) if it cannot."""
-        if self.tmp_dir is not None:
-            self.tmp_dir.verify()
-        self._link(index, worker)
+        """Point slot ``index`` at ``worker``. OSError (TmpDirReplaced too) if it cannot.
+
+        With shared listeners the worker already accepts on them: the slot is only
+        the daemon's record of which worker serves which index.
+        """
+        if not self.listeners:
+            if self.tmp_dir is not None:
+                self.tmp_dir.verify()
+            self._link(index, worker)
         worker.index = index
         self.slots[index] = worker
         self.healer.published(index, worker)
         self.changed()
-        log.info("published %s as %s", worker.label, self.config.symlink_path(index).name)
+        if self.listeners:
+            log.info("%s serves slot %d on the shared listener(s)", worker.label, index)
+        else:
+            log.info("published %s as %s", worker.label, self.config.symlink_path(index).name)
 
     def _link(self, index: int, worker: Worker) -> None:
         publish_symlink(
@@ -327,7 +342,8 @@ class Herd:
         )
 
     def unpublish(self, index: int) -> Worker | None:
-        unpublish_symlink(self.config.symlink_path(index), dir_fd=self.tmp_dir.fd if self.tmp_dir else None)
+        if not self.listeners:
+            unpublish_symlink(self.config.symlink_path(index), dir_fd=self.tmp_dir.fd if self.tmp_dir else None)
         self.healer.cancel_replacement(index)
         worker = self.slots.pop(index, None)
         self.changed()
@@ -335,6 +351,8 @@ class Herd:
 
     def republish(self) -> None:
         """Rewrite every published symlink (the ``symlinks`` style changed)."""
+        if self.listeners:
+            return
         for index, worker in self.slots.items():
             self._link(index, worker)
 
@@ -343,6 +361,8 @@ class Herd:
 
         ``name`` empty: events were lost, check them all.
         """
+        if self.listeners:
+            return
         for index, worker in list(self.slots.items()):
             link = self.config.symlink_path(index)
             if name and link.name != name:
@@ -367,12 +387,14 @@ class Herd:
 
         nginx may have connected to the old socket just before the rename; those
         connections sit in the old worker's backlog, and the linger lets it accept them
-        before its shutdown begins.
+        before its shutdown begins. With shared listeners there is no backlog of its
+        own to empty: the queue belongs to every worker, and the stop begins at once.
         """
         workers = [w for w in workers if w.alive]
         if not workers:
             return
-        await asyncio.sleep(self.config.timeouts.linger)
+        if not self.listeners:
+            await asyncio.sleep(self.config.timeouts.linger)
         await asyncio.gather(*(w.stop() for w in workers))
 
     async def stop_all(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from sockherd.config import Config, load_config
 from sockherd.daemon.deploy import deploy, scale_standby, scale_workers
 from sockherd.daemon.desired import Desired
-from sockherd.daemon.herd import Herd, Progress
+from sockherd.daemon.herd import DeployFailed, Herd, Progress
 from sockherd.daemon.reload import ReloadPlan, plan_reload
 
 log = logging.getLogger("sockherd")
@@ -86,6 +86,12 @@ class Operations:
         await self._coordinator.run("scale", work)
 
     async def set_standby(self, count: int, attempts: int, progress: Progress) -> None:
+        if count and self.herd.listeners:
+            raise DeployFailed(
+                "standby workers need per-worker sockets: with `listen` a standby would take connections "
+                "before it is promoted (and a dead worker's connections wait in the shared queue for the others)"
+            )
+
         async def work() -> None:
             herd = self.herd
             if herd.running:

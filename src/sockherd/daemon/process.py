@@ -25,6 +25,7 @@ import psutil
 from sockherd import protocol
 from sockherd.config import Config, Timeouts, WorkerSpec, render_command
 from sockherd.daemon.environment import worker_environment
+from sockherd.daemon.listeners import Listeners
 from sockherd.daemon.processes import EXIT_UNKNOWN, Launch, LaunchFailed, ProcessHandle, ProcessLayer
 
 log = logging.getLogger("sockherd")
@@ -81,8 +82,12 @@ class Worker:
         suspended: bool = False,
         worker_id: str | None = None,
         socket_gid: int | None = None,
+        listeners: Listeners | None = None,
     ) -> None:
         self.id = worker_id or new_worker_id(index)
+        # Shared-listener mode: the worker accepts on the daemon's listeners (LISTEN_FDS)
+        # and binds no socket of its own; there is nothing to probe, chmod or publish.
+        self.listeners = listeners if listeners else None
         self.index = index
         self.suspended = suspended  # holds requests until resumed (deploys with migrations, standbys)
         self._resume_pending = False
@@ -134,16 +139,20 @@ class Worker:
     # -- spawn -------------------------------------------------------------------------
 
     def _contract(self) -> dict[str, str]:
-        return {
-            "SOCKHERD_SOCKET": str(self.socket_path),
+        contract = {
             "SOCKHERD_WORKER_ID": self.id,
             "SOCKHERD_INDEX": "standby" if self.index is None else str(self.index),
             "SOCKHERD_IPC": str(self._ipc_path),
             "SOCKHERD_SUSPENDED": "1" if self.suspended else "0",
-            "SOCKHERD_SOCKET_MODE": f"{self.spec.socket_mode:o}",
             "SOCKHERD_BACKLOG": str(self.spec.backlog),
             "NOTIFY_SOCKET": str(self._notify_path),
         }
+        if self.listeners is not None:
+            contract.update(self.listeners.environment())
+        else:
+            contract["SOCKHERD_SOCKET"] = str(self.socket_path)
+            contract["SOCKHERD_SOCKET_MODE"] = f"{self.spec.socket_mode:o}"
+        return contract
 
     async def spawn(self) -> None:
         """Start the worker's process; cancelled, it leaves nothing running."""
@@ -156,7 +165,8 @@ class Worker:
             index="standby" if self.index is None else str(self.index),
         )
         env = worker_environment(self.spec, os.environ, self._contract())
-        launch = Launch(argv, env, self.spec.cwd, self.spec.stdout, self.spec.stderr)
+        fds = self.listeners.fds if self.listeners is not None else ()
+        launch = Launch(argv, env, self.spec.cwd, self.spec.stdout, self.spec.stderr, listen_fds=fds)
         try:
             process = await self._processes.launch(launch, self.timeouts.spawn)
         except LaunchFailed as exc:
@@ -200,16 +210,40 @@ class Worker:
             async with asyncio.timeout_at(deadline):
                 if self.spec.ready == "notify":
                     await self._race_exit(self._online, "before it reported ready")
-                probe = asyncio.ensure_future(self._processes.probe_socket(self.socket_path))
-                await self._race_exit(probe, "before its socket accepted")
+                if self.listeners is not None:
+                    if self.spec.ready == "socket":
+                        assert self.pid is not None
+                        probe = asyncio.ensure_future(self._processes.probe_accepting(self.pid, self.listeners.inodes))
+                        await self._race_exit(probe, "before it waited for connections on the listeners")
+                else:
+                    probe = asyncio.ensure_future(self._processes.probe_socket(self.socket_path))
+                    await self._race_exit(probe, "before its socket accepted")
         except TimeoutError:
-            what = "report ready" if not self._online.done() else "accept connections on its socket"
+            if not self._online.done():
+                what = "report ready"
+            elif self.listeners is not None:
+                what = "wait for connections on the shared listeners"
+            else:
+                what = "accept connections on its socket"
             hint = await self._readiness_hint()
             await self.kill()
             raise StartError(self, f"did not {what} within online_timeout ({self.timeouts.online}s){hint}") from None
         except OSError as exc:  # the probe met something else than a socket (a planted link, a loop)
             await self.kill()
             raise StartError(self, f"cannot connect to its socket {self.socket_path}: {exc.strerror or exc}") from None
+        if self.listeners is None:
+            await self._prepare_socket_for_nginx()
+        if self.broken_reason is not None:
+            await self.kill()
+            raise StartError(self, f"reported itself broken before it was published: {self.broken_reason}")
+        self.state = WorkerState.SUSPENDED if self.suspended else WorkerState.ONLINE
+        self.online_at = time.time()
+        if not self._online.done():
+            self._online.set_result(None)
+        self._on_change()
+        log.info("%s online after %.3fs", self.label, self.online_at - self.started_at)
+
+    async def _prepare_socket_for_nginx(self) -> None:
         try:  # whatever mode and group the server chose (gunicorn sets its own)
             self._processes.set_socket_mode(self.socket_path, self.spec.socket_mode, self.socket_gid)
         except PermissionError:
@@ -222,22 +256,19 @@ class Worker:
         except OSError as exc:
             await self.kill()
             raise StartError(self, f"its socket {self.socket_path} cannot be made ready for nginx: {exc}") from None
-        if self.broken_reason is not None:
-            await self.kill()
-            raise StartError(self, f"reported itself broken before it was published: {self.broken_reason}")
-        self.state = WorkerState.SUSPENDED if self.suspended else WorkerState.ONLINE
-        self.online_at = time.time()
-        if not self._online.done():
-            self._online.set_result(None)
-        self._on_change()
-        log.info("%s online after %.3fs", self.label, self.online_at - self.started_at)
 
     async def _readiness_hint(self) -> str:
         """A worker that never reported ready but accepts on its socket: a server without
         the library or sd_notify, run with ``ready = "notify"`` (the default)."""
-        if self.spec.ready != "notify" or self._online.done():
+        if self.spec.ready != "notify" or self._online.done() or self.pid is None:
             return ""
         try:
+            if self.listeners is not None:
+                await asyncio.wait_for(self._processes.probe_accepting(self.pid, self.listeners.inodes), 0.2)
+                return (
+                    "; it waits for connections on the listeners but never reported ready: set "
+                    '`ready = "socket"` for servers without the sockherd library or sd_notify'
+                )
             await asyncio.wait_for(self._processes.probe_socket(self.socket_path), 0.2)
         except (TimeoutError, OSError):
             return ""
@@ -371,7 +402,7 @@ class Worker:
             "pid": self.pid,
             "index": self.index,
             "state": str(self.state),
-            "socket": str(self.socket_path),
+            "socket": str(self.socket_path) if self.listeners is None else None,
             "generation": self.generation,
             "started_at": self.started_at,
             "online_at": self.online_at,

@@ -25,9 +25,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -35,7 +38,9 @@ from pathlib import Path
 from typing import Protocol
 
 from sockherd._nofollow import chmod_socket
+from sockherd.daemon.accepting import waits_for_connections
 from sockherd.daemon.environment import open_output
+from sockherd.daemon.listeners import SD_LISTEN_FDS_START
 from sockherd.daemon.reaper import (
     Reaper,
     kill_process_group,
@@ -70,6 +75,8 @@ class Launch:
     cwd: Path
     stdout: Path | None
     stderr: Path | None
+    # Shared listeners, handed over as systemd does: at fds 3.., with LISTEN_PID set.
+    listen_fds: tuple[int, ...] = ()
 
 
 class ProcessHandle(Protocol):
@@ -106,6 +113,11 @@ class ProcessLayer(Protocol):
         """Return once something accepts connections on the UNIX socket at ``path``."""
         ...
 
+    async def probe_accepting(self, pid: int, inodes: frozenset[int]) -> None:
+        """Return once ``pid`` (or a process below it) waits for connections on one of the
+        listening sockets ``inodes`` (``ready = "socket"`` with shared listeners)."""
+        ...
+
     def adopt(self, pid: int, start_time: int) -> ProcessHandle | None:
         """Take over a running process started by an earlier daemon (or this one, before
         an exec); None when ``pid`` is gone or now names another process."""
@@ -123,13 +135,13 @@ class _Ticket:
         self.lock = threading.Lock()
         self.abandoned = False
         self.executing = False  # the thread is inside Popen: a process may appear
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
 
-    def abandon(self) -> tuple[subprocess.Popen[bytes] | None, bool]:
+    def abandon(self) -> tuple[int | None, bool]:
         """The loop gives up on this launch: the process the thread made, and whether it still may."""
         with self.lock:
             self.abandoned = True
-            return self.proc, self.executing and self.proc is None
+            return self.pid, self.executing and self.pid is None
 
 
 class OsProcess:
@@ -200,7 +212,7 @@ class OsProcesses:
 
         try:
             await asyncio.shield(picked_up)  # queued in the executor: not part of spawn_timeout
-            proc = await asyncio.wait_for(asyncio.shield(future), spawn_timeout)
+            pid = await asyncio.wait_for(asyncio.shield(future), spawn_timeout)
         except TimeoutError:
             give_up()
             raise LaunchFailed(
@@ -214,38 +226,38 @@ class OsProcesses:
             if future.done():
                 hold.release()
             raise
-        if proc is None:  # only an abandoned ticket returns None, and only the paths above abandon
+        if pid is None:  # only an abandoned ticket returns None, and only the paths above abandon
             give_up()
             raise LaunchFailed("launch abandoned")
         try:
-            pidfd: int | None = os.pidfd_open(proc.pid)
+            pidfd: int | None = os.pidfd_open(pid)
         except OSError:
             pidfd = None  # kernels before 5.3: plain kill(), still safe while unreaped
-        handle = OsProcess(proc.pid, pidfd, process_start_time(proc.pid), loop)
-        self._reaper.watch_child(proc.pid, handle._on_reaped)
+        handle = OsProcess(pid, pidfd, process_start_time(pid), loop)
+        self._reaper.watch_child(pid, handle._on_reaped)
         hold.release()
         return handle
 
     async def _abandon(
         self,
         ticket: _Ticket,
-        future: asyncio.Future[subprocess.Popen[bytes] | None],
+        future: asyncio.Future[int | None],
         spawn_timeout: float,
     ) -> None:
         """Cancelled: kill what the thread started and wait until it is reaped.
 
         Still queued, the thread will see the abandoned ticket and start nothing.
         """
-        proc, executing = ticket.abandon()
+        pid, executing = ticket.abandon()
         if executing:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(future), spawn_timeout)
-            proc = ticket.proc
-        if proc is None:
+            pid = ticket.pid
+        if pid is None:
             return
-        kill_process_group(proc.pid)  # unreaped (we hold the reaper): the group id is still its own
+        kill_process_group(pid)  # unreaped (we hold the reaper): the group id is still its own
         reaped: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._reaper.watch_child(proc.pid, functools.partial(_resolve_exit, reaped))
+        self._reaper.watch_child(pid, functools.partial(_resolve_exit, reaped))
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.shield(reaped), spawn_timeout)
 
@@ -270,6 +282,12 @@ class OsProcesses:
     def set_socket_mode(self, path: Path, mode: int, gid: int | None) -> None:
         chmod_socket(path, mode, gid)
 
+    async def probe_accepting(self, pid: int, inodes: frozenset[int]) -> None:
+        delay = _PROBE_FIRST_DELAY
+        while not waits_for_connections(pid, inodes):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _PROBE_MAX_DELAY)
+
     async def probe_socket(self, path: Path) -> None:
         delay = _PROBE_FIRST_DELAY
         while True:
@@ -293,7 +311,7 @@ def _popen(
     ticket: _Ticket,
     loop: asyncio.AbstractEventLoop,
     picked_up: asyncio.Future[None],
-) -> subprocess.Popen[bytes] | None:
+) -> int | None:
     """Runs in an executor thread; closes the output fds it was given, whatever happens."""
     try:
         with contextlib.suppress(RuntimeError):  # the loop closed under a daemon quitting
@@ -302,25 +320,83 @@ def _popen(
             if ticket.abandoned:
                 return None
             ticket.executing = True
-        proc = subprocess.Popen(
-            launch.argv,
-            cwd=launch.cwd,
-            env=launch.env,
-            stdin=subprocess.DEVNULL,
-            stdout=outputs[0],
-            stderr=outputs[1],
-            start_new_session=True,  # own session and group: a terminal's ^C reaches the daemon only
-            restore_signals=True,
-            close_fds=True,
-        )
-        proc.returncode = 0  # the Reaper reaps it: Popen must never waitpid a reused pid
+        pid = _spawn_with_listeners(launch, outputs) if launch.listen_fds else _spawn(launch, outputs)
         with ticket.lock:
-            ticket.proc = proc
+            ticket.pid = pid
             if ticket.abandoned:  # the loop gave up while exec ran: nobody else will kill it
-                kill_process_group(proc.pid)
-        return proc
+                kill_process_group(pid)
+        return pid
     finally:
         _close_all(outputs)
+
+
+def _spawn(launch: Launch, outputs: list[int | None]) -> int:
+    proc = subprocess.Popen(
+        launch.argv,
+        cwd=launch.cwd,
+        env=launch.env,
+        stdin=subprocess.DEVNULL,
+        stdout=outputs[0],
+        stderr=outputs[1],
+        start_new_session=True,  # own session and group: a terminal's ^C reaches the daemon only
+        restore_signals=True,
+        close_fds=True,
+    )
+    proc.returncode = 0  # the Reaper reaps it: Popen must never waitpid a reused pid
+    return proc.pid
+
+
+# ``sh -c`` between the spawn and the command: it sets LISTEN_PID to its own pid, which
+# the exec keeps (systemd does the same in C after its fork). $1 is the working directory.
+_LISTEN_SHIM = 'cd -- "$1" || exit 126; shift; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+_SIGNALS_TO_DEFAULT = frozenset({signal.SIGPIPE, signal.SIGXFSZ})  # what Popen's restore_signals resets
+
+
+def _spawn_with_listeners(launch: Launch, outputs: list[int | None]) -> int:
+    """Start a worker with the shared listeners at fds 3.., as systemd hands them on.
+
+    Popen keeps passed descriptors at their own numbers, so this is posix_spawn, whose
+    file actions can move them: each listener is first duplicated above the target
+    range (no move then overwrites a source still to be moved), then dup2'ed to 3+i
+    (which clears close-on-exec on the target only). Everything else the daemon holds is
+    close-on-exec (Python opens all descriptors so; start-up marks inherited strays).
+    """
+    _check_executable(launch)
+    count = len(launch.listen_fds)
+    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SD_LISTEN_FDS_START + count) for fd in launch.listen_fds]
+    try:
+        actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
+        ]
+        for target, fd in ((1, outputs[0]), (2, outputs[1])):
+            if fd is not None:
+                actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+        actions += [(os.POSIX_SPAWN_DUP2, fd, SD_LISTEN_FDS_START + i) for i, fd in enumerate(sources)]
+        argv = ["/bin/sh", "-c", _LISTEN_SHIM, "sockherd-worker", str(launch.cwd), *launch.argv]
+        return os.posix_spawn(
+            "/bin/sh",
+            argv,
+            launch.env,
+            file_actions=actions,
+            setsid=True,
+            setsigmask=(),
+            setsigdef=_SIGNALS_TO_DEFAULT,
+        )
+    finally:
+        _close_all(list(sources))
+
+
+def _check_executable(launch: Launch) -> None:
+    """What Popen would report as "could not execute", before the shim hides it as status 127."""
+    program = launch.argv[0]
+    if os.sep in program:
+        found = os.access(launch.cwd / program, os.X_OK)
+    else:
+        found = shutil.which(program, path=launch.env.get("PATH", os.defpath)) is not None
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", program)
+    if not launch.cwd.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(launch.cwd))
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from sockherd.config import Config, ConfigError
 
-# Where the daemon's own sockets live: they cannot move under a running daemon.
-FIXED = frozenset({"tmp_dir", "ipc_file", "socket_file"})
+# Where the daemon's own sockets live, and the shared listeners it bound for its whole
+# life: they cannot move under a running daemon.
+FIXED = frozenset({"tmp_dir", "ipc_file", "socket_file", "listen", "pidfile"})
 # What a worker runs and how it is judged ready: only a new generation can change these.
 NEEDS_RESTART = frozenset(
     {

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sockherd.config import WorkerSpec
-from sockherd.daemon.reaper import process_start_time
+from sockherd.daemon.reaper import process_is_zombie, process_start_time
 
 log = logging.getLogger("sockherd")
 
@@ -33,9 +33,9 @@ FORMAT = 1
 _TEMP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -119,8 +119,14 @@ def live_workers(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def daemon_alive(state: dict[str, Any]) -> bool:
+    """The recorded daemon still runs (a zombie, dead but not yet reaped by a pid 1 that
+    does not reap, as in some containers, is not running)."""
     daemon = state.get("daemon")
-    return isinstance(daemon, dict) and is_same_process(daemon.get("pid"), daemon.get("start_time"))
+    return (
+        isinstance(daemon, dict)
+        and is_same_process(daemon.get("pid"), daemon.get("start_time"))
+        and not process_is_zombie(daemon["pid"])
+    )
 
 
 def spec_to_dict(spec: WorkerSpec) -> dict[str, Any]:

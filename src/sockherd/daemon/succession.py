@@ -20,7 +20,7 @@ from sockherd.daemon.coordinator import Busy, ShuttingDown
 from sockherd.daemon.herd import DeployFailed
 from sockherd.daemon.ipc import Connection
 from sockherd.daemon.lifecycle import HANDLED_SIGNALS, DaemonError, sd_notify
-from sockherd.daemon.state_file import daemon_alive, read_state
+from sockherd.daemon.state_file import daemon_alive, live_workers, read_state
 from sockherd.daemon.upgrade import Inherited, exec_in_place, installed_version
 
 if TYPE_CHECKING:
@@ -29,19 +29,46 @@ if TYPE_CHECKING:
 log = logging.getLogger("sockherd")
 
 
-def adopt_previous(daemon: Daemon) -> Adoption | None:
-    """Take over the workers the state file names, if any still run (see adoption.py)."""
+def previous_state(daemon: Daemon) -> dict[str, Any] | None:
+    """What the daemon before this one left (DaemonError if it still runs: one owner)."""
     cfg = daemon.config
     state = read_state(cfg.state_path)
     if state is None:
         return None
-    recorded_daemon = state.get("daemon")
-    earlier: dict[str, Any] = recorded_daemon if isinstance(recorded_daemon, dict) else {}
+    earlier = _earlier(state)
     if daemon_alive(state) and earlier.get("pid") != os.getpid():
         raise DaemonError(
             f"the daemon that started these workers (pid {earlier.get('pid')}) is still running but does "
             f"not answer on {cfg.ipc_path}; stop it (kill {earlier.get('pid')}) before starting another"
         )
+    return state
+
+
+def _earlier(state: dict[str, Any]) -> dict[str, Any]:
+    recorded_daemon = state.get("daemon")
+    return recorded_daemon if isinstance(recorded_daemon, dict) else {}
+
+
+def recorded_listeners(state: dict[str, Any] | None) -> tuple[dict[str, int], list[int]]:
+    """The listeners a dead daemon recorded (address -> inode), and the pids of its workers
+    still alive that may hold them."""
+    if state is None:
+        return {}, []
+    recorded = state.get("listeners")
+    inodes = {
+        item["address"]: item["inode"]
+        for item in (recorded if isinstance(recorded, list) else [])
+        if isinstance(item, dict) and isinstance(item.get("address"), str) and isinstance(item.get("inode"), int)
+    }
+    return inodes, [w["pid"] for w in live_workers(state)] if inodes else []
+
+
+def adopt_previous(daemon: Daemon, state: dict[str, Any] | None) -> Adoption | None:
+    """Take over the workers the state file names, if any still run (see adoption.py)."""
+    cfg = daemon.config
+    if state is None:
+        return None
+    earlier = _earlier(state)
     try:
         adoption = adopt(daemon.herd, state)
     except StateUnusable as exc:
@@ -111,6 +138,7 @@ async def upgrade_in_place(
                 notify_fd=notify.fileno(),
                 client_fd=conn.fileno(),
                 request_id=request_id,
+                listeners={item.address: item.sock.fileno() for item in daemon.herd.listeners.items},
                 attempts=attempts,
                 suspended=suspended,
                 handled=HANDLED_SIGNALS,

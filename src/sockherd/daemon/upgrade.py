@@ -13,7 +13,7 @@ exec (a mask survives exec; dispositions do not), so a SIGTERM that arrives mean
 waits for the new image's handler instead of killing the daemon with its default
 action. If the exec itself fails, nothing was lost: the old image carries on. If the new
 image fails to start, the daemon exits and its workers keep serving: a daemon started
-again (systemd's ``Restart=always``) adopts them from the state file.
+again (systemd's ``Restart=on-failure``) adopts them from the state file.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Inherited:
     attempts: int
     suspended: bool
     previous_version: str
+    listeners: dict[str, int]  # address -> fd: the shared listeners, the very sockets
 
 
 def take_inherited() -> Inherited | None:
@@ -72,6 +73,7 @@ def take_inherited() -> Inherited | None:
         attempts=int(data.get("attempts", 1)),
         suspended=bool(data.get("suspended", False)),
         previous_version=str(data.get("previous_version", "?")),
+        listeners={str(address): int(fd) for address, fd in dict(data.get("listeners", {})).items()},
     )
 
 
@@ -84,11 +86,13 @@ def exec_in_place(
     attempts: int,
     suspended: bool,
     handled: Iterable[signal.Signals],
+    listeners: dict[str, int] | None = None,
 ) -> None:
     """Replace this process's image with the installed sockherd. Returns only on failure
     (raises OSError), having put back what it changed. ``handled``: the signals the
     daemon handles, blocked from just before the exec until the new image handles them."""
-    kept = [ipc_fd, notify_fd, *([client_fd] if client_fd is not None else [])]
+    listeners = listeners or {}
+    kept = [ipc_fd, notify_fd, *([client_fd] if client_fd is not None else []), *listeners.values()]
     handoff = {
         "ipc_fd": ipc_fd,
         "notify_fd": notify_fd,
@@ -97,6 +101,7 @@ def exec_in_place(
         "attempts": attempts,
         "suspended": suspended,
         "previous_version": __version__,
+        "listeners": listeners,
     }
     argv = [sys.executable, "-m", "sockherd", *sys.argv[1:]]
     env = {**os.environ, ENV: json.dumps(handoff)}

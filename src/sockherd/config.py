@@ -365,6 +365,12 @@ def _check_listener_mode(parsed: dict[str, Any], origins: dict[str, str], first:
             "a standby on the shared listener would take connections before it is promoted (and with `listen` a "
             "dead worker's connections wait in the queue for the others, so no standby is needed); set standby = 0"
         )
+    if any("{socket}" in arg for arg in parsed["command"]):
+        raise ConfigError(
+            f"{origins.get('command', first)}: key 'command': `{{socket}}` is a per-worker socket, and with `listen` "
+            "workers have none: they get the shared listeners as LISTEN_FDS from fd 3 (gunicorn takes them as they "
+            "are; `uvicorn --fd 3`, `hypercorn --bind fd://3`)"
+        )
     if parsed["dev_server"] is not None:
         raise ConfigError(
             f"{origins.get('dev_server', first)}: key 'dev_server': not with `listen`: the workers already serve "

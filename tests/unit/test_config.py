@@ -449,6 +449,7 @@ def test_env_names_are_deduplicated_in_order(tmp_path: Path) -> None:
 
 def test_listen_forms(tmp_path: Path) -> None:
     text = 'listen = ["tcp://127.0.0.1:8000", "tcp://[::1]:8001", "tcp://localhost:80", "unix:///run/app.sock"]'
+    text += '\ncommand = "gunicorn app:wsgi"'
     assert load(tmp_path, text).listen == (
         "tcp://127.0.0.1:8000",
         "tcp://[::1]:8001",
@@ -749,3 +750,33 @@ def test_socket_group_takes_a_name_or_a_gid(tmp_path: Path) -> None:
     assert load(tmp_path, "socket_group = false").worker.socket_group is None
     message = error(tmp_path, 'socket_group = "no-such-group"')
     assert "socket_group" in message and 'no group named "no-such-group" on this machine' in message
+
+
+# --- shared listeners -------------------------------------------------------------------
+
+
+def test_listen_with_standby_is_refused_naming_both(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sockherd.toml: key 'standby': standby workers need per-worker sockets"):
+        load(tmp_path, 'listen = ["tcp://127.0.0.1:8000"]\nstandby = 1\ncommand = "app"')
+
+
+def test_listen_with_a_socket_placeholder_is_refused_with_the_fd_way(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key 'command': `\{socket\}` is a per-worker socket.*uvicorn --fd 3"):
+        load(tmp_path, 'listen = ["tcp://127.0.0.1:8000"]\ncommand = "app --bind {socket}"')
+
+
+def test_listen_with_the_dev_server_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key 'dev_server': not with `listen`.*tcp://127.0.0.1:8000"):
+        load(tmp_path, 'listen = ["tcp://127.0.0.1:8000"]\ndev_server = true\ncommand = "app"')
+
+
+def test_listen_and_pidfile_cannot_change_on_reload(tmp_path: Path) -> None:
+    from sockherd.daemon.reload import plan_reload
+
+    old = load(tmp_path, 'listen = ["tcp://127.0.0.1:8000"]\ncommand = "app"')
+    new = load(tmp_path, 'listen = ["tcp://127.0.0.1:8001"]\ncommand = "app"')
+    with pytest.raises(ConfigError, match="key 'listen' cannot change while the daemon runs"):
+        plan_reload(old, new, workers=1, standby=0)
+    new = load(tmp_path, 'listen = ["tcp://127.0.0.1:8000"]\ncommand = "app"\npidfile = "/run/x.pid"')
+    with pytest.raises(ConfigError, match="key 'pidfile' cannot change"):
+        plan_reload(old, new, workers=1, standby=0)

@@ -60,10 +60,12 @@ def _epoll_watches(pid: int, epoll_fd: int, inodes: frozenset[int]) -> bool:
     for line in info.splitlines():
         if not line.startswith("tfd:"):
             continue
-        fields = line.split()
-        with contextlib.suppress(ValueError, IndexError):
-            if int(fields[fields.index("ino:") + 1], 16) in inodes:
-                return True
+        # "tfd:        7 events:       19 data:     7fa600000007  pos:0 ino:4a2c6a sdev:9"
+        for field in line.split():
+            if field.startswith("ino:"):
+                with contextlib.suppress(ValueError):
+                    if int(field[4:], 16) in inodes:
+                        return True
     return False
 
 

@@ -113,8 +113,10 @@ class Daemon:
         if created:
             st = os.stat(cfg.tmp_dir)
             log.info("created tmp_dir %s (mode %o, gid %d)", cfg.tmp_dir, stat.S_IMODE(st.st_mode), st.st_gid)
-        # Only where nginx is what serves: not behind the dev server, not without nginx.
-        if self._dev_server_port is None and (problem := nginx_access_problem(cfg.tmp_dir, group)) is not None:
+        # Only where nginx is what serves: not behind the dev server, not without nginx,
+        # not when nginx connects to a shared listener rather than into tmp_dir.
+        serves_from_tmp_dir = self._dev_server_port is None and not cfg.listen
+        if serves_from_tmp_dir and (problem := nginx_access_problem(cfg.tmp_dir, group)) is not None:
             log.warning("%s", problem)
         for path in (cfg.ipc_path, cfg.notify_path):
             try:

@@ -219,7 +219,7 @@ class Worker:
                     probe = asyncio.ensure_future(self._processes.probe_socket(self.socket_path))
                     await self._race_exit(probe, "before its socket accepted")
         except TimeoutError:
-            if not self._online.done():
+            if self.spec.ready == "notify" and not self._online.done():
                 what = "report ready"
             elif self.listeners is not None:
                 what = "wait for connections on the shared listeners"

@@ -6,7 +6,7 @@ import contextlib
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,9 @@ def daemon(settings: dict[str, Any], *args: str) -> Iterator[RunningDaemon]:
 
 
 @contextlib.contextmanager
-def nginx(sockets: list[Path], *, keepalive: bool, max_fails: int = 0, extra: str = "") -> Iterator[Nginx]:
+def nginx(
+    sockets: Sequence[Path | str], *, keepalive: bool, max_fails: int | None = 0, extra: str = ""
+) -> Iterator[Nginx]:
     with tempfile.TemporaryDirectory(prefix="sh-nginx-") as workdir:
         server = Nginx(Path(workdir), sockets, keepalive=keepalive, max_fails=max_fails)
         try:

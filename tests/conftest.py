@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,9 @@ def fake_daemon(tmp_path: Path) -> Iterator[FakeDaemon]:
 def start_nginx(tmp_path: Path) -> Iterator[NginxFactory]:
     started: list[Nginx] = []
 
-    def start(sockets: list[Path], *, keepalive: bool, max_fails: int = 0, user: str | None = None) -> Nginx:
+    def start(
+        sockets: Sequence[Path | str], *, keepalive: bool, max_fails: int | None = 0, user: str | None = None
+    ) -> Nginx:
         workdir = tmp_path / f"nginx{len(started)}"
         workdir.mkdir()
         nginx = Nginx(workdir, sockets, keepalive=keepalive, max_fails=max_fails, user=user)

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("terminate", "stop the workers and the daemon")
     init = command("init", "write a starter sockherd.toml and print nginx and systemd snippets")
     init.add_argument("--force", action="store_true", help="overwrite an existing sockherd.toml")
+    init.add_argument(
+        "--listen",
+        action="store_true",
+        help="one shared listener for every worker (nginx: one server line, its defaults), not per-worker sockets",
+    )
     return parser
 
 
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             from sockherd.init import run_init
 
-            return run_init(Path.cwd(), force=args.force)
+            return run_init(Path.cwd(), force=args.force, listen=args.listen)
         return _run_client_command(args)
     except ConfigError as exc:
         print(f"sockherd: {exc}", file=sys.stderr)

@@ -91,6 +91,7 @@ class StreamServer:
         sockets, shared = _listening_sockets(self.port)
         # The daemon's backlog: listen() again on a shared socket sets it for every worker.
         servers = [await asyncio.start_server(self._connected, sock=sock, backlog=worker.backlog) for sock in sockets]
+
         def from_the_ipc_thread() -> None:
             loop.call_soon_threadsafe(self._request_stop)
 

@@ -29,18 +29,20 @@ class Nginx:
         sockets: Sequence[Path | str],
         *,
         keepalive: bool,
-        max_fails: int = 0,
+        max_fails: int | None = 0,
         user: str | None = None,
     ) -> None:
         """``sockets``: UNIX socket paths, or any nginx upstream address as a string
-        (``"127.0.0.1:8001"``, ``"unix:/run/x.sock"``)."""
+        (``"127.0.0.1:8001"``, ``"unix:/run/x.sock"``). ``max_fails=None``: nginx's
+        defaults (``max_fails=1 fail_timeout=10s``)."""
         if not os.path.exists(NGINX):
             raise RuntimeError("nginx is not installed: run `bash .ci/run` or `apt-get install nginx-light`")
         self.workdir = workdir
         self.port = free_port()
         self.error_log = workdir / "error.log"
         addresses = [f"unix:{s}" if isinstance(s, Path) else s for s in sockets]
-        servers = "\n".join(f"        server {address} max_fails={max_fails};" for address in addresses)
+        fails = "" if max_fails is None else f" max_fails={max_fails}"
+        servers = "\n".join(f"        server {address}{fails};" for address in addresses)
         # nginx's workers run as ``user`` (Debian's www-data, say), else as root when we are.
         user_line = f"user {user};" if user else ("user root;" if os.geteuid() == 0 else "")
         conf = f"""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from sockherd.cli import format_status
 from sockherd.daemon.environment import worker_environment
 from sockherd.daemon.healing import BACKOFF_CAP, crash_backoff
@@ -75,6 +77,22 @@ def test_init_writes_a_config_that_loads(tmp_path: Path) -> None:
     assert run_init(tmp_path) == 1, "never overwrites without --force"
     config = load_config(tmp_path / "sockherd.toml")
     assert config.workers == 2
+
+
+def test_init_listen_writes_a_shared_listener_config_and_a_one_server_upstream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sockherd.config import load_config
+
+    app = tmp_path / "shop"
+    app.mkdir()
+    assert run_init(app, listen=True) == 0
+    config = load_config(app / "sockherd.toml")
+    assert config.listen == ("unix:///run/shop/shop.sock",) and config.standby == 0
+    out = capsys.readouterr().out
+    assert "    server unix:/run/shop/shop.sock;\n" in out  # one line, nginx's defaults
+    assert "max_fails=" not in out.split("# systemd")[0]
+    assert "ListenStream=/run/shop/shop.sock" in out  # the optional socket-activation unit
 
 
 def test_the_systemd_unit_lets_workers_outlive_a_crashed_daemon_for_adoption(tmp_path: Path) -> None:

@@ -361,3 +361,52 @@ def test_the_socket_server_base_serves_a_worker_socket_too(start_daemon: DaemonF
             lines.flush()
             assert lines.readline() == b"ping\n"
         assert daemon.cli("restart").returncode == 0
+
+
+def test_a_failed_deploy_leaves_the_old_generation_serving_the_same_socket(
+    start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    port = free_port()
+    release = tmp_path / "release"
+    release.write_text("1")
+    daemon = start_daemon(listening(port, environment={"RELEASE_FILE": str(release)}))
+    pids = {w["pid"] for w in daemon.wait_ready(2)["workers"]}
+    release.unlink()  # the new code cannot start: asgi_app reads the marker at import
+    with LoadGenerator(port, concurrency=8) as load:
+        load.wait_requests(100)
+        result = daemon.cli("restart")
+        load.wait_requests(100)
+    assert result.returncode == 1
+    assert "restart failed" in result.stderr
+    assert daemon.published_pids() == pids
+    assert load.result.failures == [], load.result.failures[:5]
+    assert set(load.result.pids) <= pids
+
+
+def test_a_suspended_restart_holds_requests_on_the_shared_socket_until_resume(start_daemon: DaemonFactory) -> None:
+    port = free_port()
+    daemon = start_daemon(listening(port))
+    old = {w["pid"] for w in daemon.wait_ready(2)["workers"]}
+    result = daemon.cli("restart", "--suspended")
+    assert result.returncode == 0, result.stderr
+    new = daemon.published_pids()
+    assert not old & new
+    held: list[Any] = []
+    thread = threading.Thread(target=lambda: held.append(tcp_get(port, "/", timeout=30)))
+    thread.start()
+    thread.join(1.0)
+    assert thread.is_alive(), "the request was answered before resume"
+    assert daemon.cli("resume").returncode == 0
+    thread.join(10)
+    assert held and held[0].status == 200 and held[0].pid in new
+
+
+def test_recycling_by_age_on_a_shared_listener_fails_nothing(start_daemon: DaemonFactory) -> None:
+    port = free_port()
+    daemon = start_daemon(listening(port, max_age=1.5))
+    first = {w["pid"] for w in daemon.wait_ready(2)["workers"]}
+    with LoadGenerator(port, concurrency=8) as load:
+        wait_for(lambda: not first & daemon.published_pids(), 20, "both workers recycled")
+        load.wait_requests(100)
+    assert load.result.failures == [], load.result.failures[:5]
+    daemon.wait_log(r"max_age")

@@ -97,6 +97,11 @@ class Listeners:
             return {}
         return {"LISTEN_FDS": str(len(self.items)), "LISTEN_FDNAMES": ":".join(i.name for i in self.items)}
 
+    def handoff(self) -> dict[str, tuple[int, bool]]:
+        """For an upgrade's exec: address -> (fd, whether the daemon created the socket file,
+        which it removes at exit; a systemd socket's file is systemd's)."""
+        return {i.address: (i.sock.fileno(), i.file_inode is not None) for i in self.items}
+
     def record(self) -> list[dict[str, object]]:
         """For the state file: a daemon started after a crash finds the sockets by inode."""
         return [{"address": i.address, "inode": i.inode} for i in self.items]
@@ -194,14 +199,14 @@ def open_listeners(
     backlog: int,
     mode: int,
     gid: int | None,
-    inherited: Mapping[str, int] | None = None,
+    inherited: Mapping[str, tuple[int, bool]] | None = None,
     activated: Iterable[socket.socket] = (),
     recorded: Mapping[str, int] | None = None,
     holders: Iterable[int] = (),
 ) -> Listeners:
     """Open every configured listener, preferring a socket that already exists (see above).
 
-    ``inherited``: address -> fd from an upgrade's exec. ``recorded``: address -> inode
+    ``inherited``: address -> (fd, owns its file) from an upgrade's exec. ``recorded``: address -> inode
     from a dead daemon's state file, and ``holders`` the pids of its workers still alive.
     """
     wanted = list(addresses)
@@ -209,8 +214,8 @@ def open_listeners(
     items: list[Listener] = []
     try:
         if not wanted:  # socket activation decides: every activated socket is a listener
-            for address, fd in (inherited or {}).items():  # ... as it did for the image before an upgrade
-                items.append(Listener(address, socket.socket(fileno=fd), "upgrade"))
+            for address, (fd, owned) in (inherited or {}).items():  # ... as it did before an upgrade
+                items.append(Listener(address, socket.socket(fileno=fd), "upgrade", _socket_file(address, owned)))
             for sock in spare:
                 found = canonical_address(sock)
                 if found is None:
@@ -249,13 +254,14 @@ def _open_one(
     backlog: int,
     mode: int,
     gid: int | None,
-    inherited: Mapping[str, int],
+    inherited: Mapping[str, tuple[int, bool]],
     activated: list[socket.socket],
     recorded: Mapping[str, int],
     holders: list[int],
 ) -> Listener:
     if address in inherited:
-        return Listener(address, socket.socket(fileno=inherited[address]), "upgrade", _socket_file(address))
+        fd, owned = inherited[address]
+        return Listener(address, socket.socket(fileno=fd), "upgrade", _socket_file(address, owned))
     spellings = _resolved(address)
     for sock in activated:
         if canonical_address(sock) in spellings:
@@ -270,10 +276,10 @@ def _open_one(
     return Listener(address, sock, "bound", _socket_file(address))
 
 
-def _socket_file(address: str) -> int | None:
+def _socket_file(address: str, owned: bool = True) -> int | None:
     """The inode of a UNIX listener's file, which a daemon (this one, or the one it took
     over from) created; removed at exit only if it is still that file."""
-    if not address.startswith("unix://"):
+    if not owned or not address.startswith("unix://"):
         return None
     try:
         st = os.lstat(address.removeprefix("unix://"))

@@ -138,7 +138,7 @@ async def upgrade_in_place(
                 notify_fd=notify.fileno(),
                 client_fd=conn.fileno(),
                 request_id=request_id,
-                listeners={item.address: item.sock.fileno() for item in daemon.herd.listeners.items},
+                listeners=daemon.herd.listeners.handoff(),
                 attempts=attempts,
                 suspended=suspended,
                 handled=HANDLED_SIGNALS,

@@ -55,7 +55,8 @@ class Inherited:
     attempts: int
     suspended: bool
     previous_version: str
-    listeners: dict[str, int]  # address -> fd: the shared listeners, the very sockets
+    # address -> (fd, whether the daemon created its socket file): the shared listeners
+    listeners: dict[str, tuple[int, bool]]
 
 
 def take_inherited() -> Inherited | None:
@@ -73,7 +74,9 @@ def take_inherited() -> Inherited | None:
         attempts=int(data.get("attempts", 1)),
         suspended=bool(data.get("suspended", False)),
         previous_version=str(data.get("previous_version", "?")),
-        listeners={str(address): int(fd) for address, fd in dict(data.get("listeners", {})).items()},
+        listeners={
+            str(address): (int(fd), bool(owned)) for address, (fd, owned) in dict(data.get("listeners", {})).items()
+        },
     )
 
 
@@ -86,13 +89,13 @@ def exec_in_place(
     attempts: int,
     suspended: bool,
     handled: Iterable[signal.Signals],
-    listeners: dict[str, int] | None = None,
+    listeners: dict[str, tuple[int, bool]] | None = None,
 ) -> None:
     """Replace this process's image with the installed sockherd. Returns only on failure
     (raises OSError), having put back what it changed. ``handled``: the signals the
     daemon handles, blocked from just before the exec until the new image handles them."""
     listeners = listeners or {}
-    kept = [ipc_fd, notify_fd, *([client_fd] if client_fd is not None else []), *listeners.values()]
+    kept = [ipc_fd, notify_fd, *([client_fd] if client_fd is not None else []), *(fd for fd, _ in listeners.values())]
     handoff = {
         "ipc_fd": ipc_fd,
         "notify_fd": notify_fd,

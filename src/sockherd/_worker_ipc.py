@@ -17,13 +17,16 @@ announced again after a reconnect: the daemon knows it, and re-sends ``resume`` 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import queue
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from sockherd import protocol
 
@@ -46,11 +49,16 @@ class IpcLink:
         worker_id: str,
         on_shutdown: Callable[[], None],
         on_resume: Callable[[int | None], None],
+        *,
+        on_message: Callable[[str, Any, Any], None] | None = None,
+        on_request: Callable[[int | str, str, Any, Any], None] | None = None,
     ) -> None:
         self._path = path
         self._worker_id = worker_id
         self._on_shutdown = on_shutdown
         self._on_resume = on_resume
+        self._on_message = on_message
+        self._on_request = on_request
         self._lock = threading.Lock()
         self._flushed = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -69,6 +77,9 @@ class IpcLink:
         self._online = False
         self._broken_reason: str | None = None
         self._gave_up = False
+        # Requests this worker sent (send-msg, send-req): request id -> where replies go.
+        self._asked: dict[int, queue.SimpleQueue[protocol.Message | None]] = {}
+        self._ask_ids = itertools.count(HELLO_ID + 1)
 
     # -- called from any thread -------------------------------------------------------
 
@@ -92,6 +103,29 @@ class IpcLink:
             self._broken_reason = reason
             self._reported += 1
             self._queue_locked(protocol.message("broken", {"reason": reason}), report=True)
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a frame for the current connection (a reply of a handler); dropped without one."""
+        with self._lock:
+            self._queue_locked(frame)
+
+    def ask(self, type_: str, data: Any) -> queue.SimpleQueue[protocol.Message | None]:
+        """Send a request to the daemon; its replies arrive on the returned queue, and None
+        if the connection is lost first. ConnectionError when there is no connection."""
+        replies: queue.SimpleQueue[protocol.Message | None] = queue.SimpleQueue()
+        with self._lock:
+            if self._connected is None:
+                raise ConnectionError("not connected to the sockherd daemon")
+            request_id = next(self._ask_ids)
+            self._asked[request_id] = replies
+            self._queue_locked(protocol.message(type_, data, id=request_id))
+        return replies
+
+    def forget(self, replies: queue.SimpleQueue[protocol.Message | None]) -> None:
+        with self._lock:
+            for request_id, queued in list(self._asked.items()):
+                if queued is replies:
+                    del self._asked[request_id]
 
     def flush(self, timeout: float) -> bool:
         """Wait until every report so far and every queued frame was sent, or IPC was given up.
@@ -180,7 +214,10 @@ class IpcLink:
                 with self._flushed:
                     self._connected = None
                     self._outbox.clear()
+                    lost, self._asked = self._asked, {}
                     self._flushed.notify_all()
+                for replies in lost.values():
+                    replies.put(None)  # the asker learns that its answer will not come
                 sock.close()
             if self._stop.is_set():
                 return
@@ -234,7 +271,13 @@ class IpcLink:
                     self._outbox[:0] = self._state_frames_locked()
                     self._queued = self._reported
                 return True
-            return greeted  # no other request of ours is outstanding
+            with self._lock:
+                replies = self._asked.get(msg.request_id) if isinstance(msg.request_id, int) else None
+                if replies is not None and msg.done:
+                    del self._asked[msg.request_id]  # type: ignore[arg-type]
+            if replies is not None:
+                replies.put(msg)
+            return greeted
         if msg.type == "shutdown":
             self._call("shutdown", self._on_shutdown)
             if msg.id is not None:
@@ -246,6 +289,17 @@ class IpcLink:
             self._call("resume", self._on_resume, index)
             if msg.id is not None:  # a one-way message by contract; a request is answered all the same
                 self._reply(msg.id, None if error is None else [error])
+        elif msg.type == "message" and isinstance(msg.data, dict) and self._on_message is not None:
+            self._call(
+                "message", self._on_message, str(msg.data.get("name", "")), msg.data.get("data"), msg.data.get("from")
+            )
+        elif (
+            msg.type == "request" and msg.id is not None and isinstance(msg.data, dict) and self._on_request is not None
+        ):
+            data = msg.data
+            self._call(
+                "request", self._on_request, msg.id, str(data.get("name", "")), data.get("data"), data.get("from")
+            )
         elif msg.id is not None:
             self._reply(msg.id, [f"unknown request type {msg.type}"])
         # else: a message type this version does not know; ignored for forward compatibility

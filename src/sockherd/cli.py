@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sockherd import __version__
-from sockherd.client import Client, CommandFailed, DaemonUnreachable
+from sockherd import __version__, cli_messaging
+from sockherd.client import Client, CommandFailed, DaemonUnreachable, RequestFailed
 from sockherd.config import Config, ConfigError, load_config
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("stop", "stop the workers (the daemon keeps running)")
     command("reload", "re-read the config and apply it (restarting workers if needed)")
     command("terminate", "stop the workers and the daemon")
+    cli_messaging.add_commands(command)
     init = command("init", "write a starter sockherd.toml and print nginx and systemd snippets")
     init.add_argument("--force", action="store_true", help="overwrite an existing sockherd.toml")
     init.add_argument(
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             print("last output of the failed worker:", file=sys.stderr)
             for line in output:
                 print(f"  | {line}", file=sys.stderr)
+        return EXIT_FAILED
+    except RequestFailed as exc:
+        print(f"sockherd: {args.command} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -204,6 +208,8 @@ def _run_client_command(args: argparse.Namespace) -> int:
         if args.command == "config":
             print(json.dumps(client.call("config"), indent=2))
             return 0
+        if args.command in ("send-msg", "send-req"):
+            return cli_messaging.run(client, args)
         data: dict[str, Any] = {}
         if getattr(args, "max_attempts", None) is not None:
             data["max_attempts"] = args.max_attempts

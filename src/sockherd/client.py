@@ -16,7 +16,10 @@ from types import TracebackType
 from typing import Any
 
 from sockherd import protocol
+from sockherd.messages import Reply, RequestFailed, replies_of
 from sockherd.protocol import FrameBuffer, Message, ProtocolError
+
+__all__ = ["Client", "CommandFailed", "DaemonUnreachable", "Reply", "RequestFailed"]
 
 CONNECT_TIMEOUT = 5.0
 
@@ -43,6 +46,7 @@ class Client:
         self._pending: list[bytes] = []
         self._ids = itertools.count(1)
         self.daemon_info: dict[str, Any] = {}
+        self.last_outcome: list[dict[str, Any]] = []  # of the last send_request
 
     def __enter__(self) -> Client:
         if self._sock is None:
@@ -134,3 +138,24 @@ class Client:
                 continue
             return reply.data
         raise DaemonUnreachable("the daemon ended the answer early")  # pragma: no cover
+
+    # -- messaging -------------------------------------------------------------------
+
+    def send_message(self, name: str, data: Any = None, *, workers: str | None = None) -> list[dict[str, Any]]:
+        """``send-msg``: the workers it was delivered to. CommandFailed names those it was
+        not (its ``data["sent"]`` still lists the others)."""
+        result = self.call("send-msg", {"workers": workers, "name": name, "data": data})
+        sent = result.get("sent", []) if isinstance(result, dict) else []
+        return [w for w in sent if isinstance(w, dict)]
+
+    def send_request(
+        self, name: str, data: Any = None, *, workers: str | None = None, timeout: float = 30.0
+    ) -> Iterator[Reply]:
+        """``send-req``: every reply as it streams in (``Reply.worker``, ``.data`` or
+        ``.error``). Afterwards :attr:`last_outcome` lists every selected worker's outcome.
+        RequestFailed when the daemon refuses the request as a whole (no worker matches)."""
+        self.last_outcome = []
+        frames = self.request(
+            "send-req", {"workers": workers, "name": name, "data": data, "timeout": timeout}, timeout=timeout + 10
+        )
+        return replies_of(frames, self.last_outcome)

@@ -22,6 +22,7 @@ early hello tells it this worker speaks the protocol. Standalone, no thread star
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import inspect
 import logging
@@ -29,16 +30,19 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sockherd._nofollow import chmod_socket
 from sockherd._worker_ipc import IpcLink
+from sockherd._worker_messages import Dispatcher, Reply, RequestFailed, replies_of, wait_replies
 from sockherd._worker_state import DEFAULT_SOCKET_MODE as _DEFAULT_SOCKET_MODE
 from sockherd._worker_state import Environment, Resumed, ResumeState, hook_name, read_environment, run_blocking
 
 __all__ = [
     "Environment",
+    "Reply",
+    "RequestFailed",
     "backlog",
     "bind_socket",
     "id",
@@ -46,14 +50,19 @@ __all__ = [
     "ipc_path",
     "listener_names",
     "listeners",
+    "on_message",
     "on_resume",
     "on_shutdown",
     "read_environment",
     "report_broken",
     "report_online",
+    "request",
+    "request_async",
+    "request_handler",
     "resumed",
     "run_shutdown_hooks",
     "run_shutdown_hooks_async",
+    "send_message",
     "set_shutdown_handler",
     "socket_mode",
     "socket_path",
@@ -68,6 +77,8 @@ DEFAULT_SOCKET_MODE = _DEFAULT_SOCKET_MODE  # the mode without SOCKHERD_SOCKET_M
 EXIT_FLUSH_TIMEOUT = 1.0  # seconds at exit to deliver what was reported just before
 
 HookT = TypeVar("HookT", bound=Callable[[], object])
+MessageHandlerT = TypeVar("MessageHandlerT", bound=Callable[[str, Any], object])
+RequestHandlerT = TypeVar("RequestHandlerT", bound=Callable[[Any], object])
 
 
 def _default_shutdown_handler() -> None:
@@ -98,13 +109,25 @@ class _Worker:
         self._shutdown_requested = False
         self._ready_notified = False
         self.ipc: IpcLink | None = None
+        self.messages = Dispatcher(self._send_frame)
         if env.ipc_path is not None and env.worker_id is not None:
-            self.ipc = IpcLink(env.ipc_path, env.worker_id, self.handle_shutdown_message, self.handle_resume_message)
+            self.ipc = IpcLink(
+                env.ipc_path,
+                env.worker_id,
+                self.handle_shutdown_message,
+                self.handle_resume_message,
+                on_message=self.messages.on_message,
+                on_request=self.messages.on_request,
+            )
         elif env.suspended:
             # Only the daemon's resume ends a suspension: without a link to it, holding
             # every request would be holding them forever.
             log.warning("sockherd: SOCKHERD_SUSPENDED=1 without SOCKHERD_IPC: nothing could resume this worker")
         self.resume_state = ResumeState(suspended=env.suspended and self.ipc is not None, index=env.index)
+
+    def _send_frame(self, frame: bytes) -> None:
+        if self.ipc is not None:
+            self.ipc.send_frame(frame)
 
     def report_online(self) -> None:
         if self.ipc is not None:
@@ -164,6 +187,7 @@ class _Worker:
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
+        self.messages.after_fork_in_child()
         self.resume_state.after_fork_in_child()
         if self.ipc is not None:
             self.ipc.after_fork_in_child()
@@ -314,6 +338,80 @@ def set_shutdown_handler(fn: Callable[[], None] | None) -> None:
     ``loop.call_soon_threadsafe``), not perform it.
     """
     _worker.set_shutdown_handler(fn)
+
+
+# -- messages and requests ------------------------------------------------------------
+
+
+def on_message(fn: MessageHandlerT) -> MessageHandlerT:
+    """Register a message handler, called as ``fn(message, data)`` for every ``send-msg``
+    that reaches this worker (sync or async; a decorator). It runs off the IPC thread: a
+    plain function in the library's small thread pool, a coroutine function on the loop
+    that was running where it was registered. What it raises is logged."""
+    _worker.messages.add_message_handler(fn)
+    return fn
+
+
+def request_handler(name: str) -> Callable[[RequestHandlerT], RequestHandlerT]:
+    """Register the handler of request ``name`` (``sockherd send-req NAME``); a decorator.
+
+    It gets the request's data and returns a JSON value (one reply), or is a generator or
+    async generator whose every item is one reply of a stream. Where it runs is as for
+    :func:`on_message`. If it raises, or answers with something that is not JSON, the
+    asker gets an error reply for this worker; the worker carries on.
+    """
+
+    def register(fn: RequestHandlerT) -> RequestHandlerT:
+        _worker.messages.add_request_handler(name, fn)
+        return fn
+
+    return register
+
+
+def _link() -> IpcLink:
+    if _worker.ipc is None:
+        raise ConnectionError("not a sockherd worker (no SOCKHERD_IPC): there is no daemon to send through")
+    return _worker.ipc
+
+
+def send_message(
+    name: str, data: object = None, *, workers: str | None = None, timeout: float = 10.0
+) -> list[dict[str, object]]:
+    """Send message ``name`` to other workers through the daemon (``workers``: a selector,
+    as ``-w``: ``"!self"``, ``"0"``, ``"$1234"``; default every published worker). Returns
+    the workers it was delivered to. Blocks until the daemon confirms: call it from a
+    thread, not from an event loop."""
+    frames = wait_replies(_link().ask("send-msg", {"workers": workers, "name": name, "data": data}), timeout)
+    for msg in frames:
+        if msg.errors and not (isinstance(msg.data, dict) and "sent" in msg.data):
+            raise RequestFailed("; ".join(msg.errors))
+        sent = msg.data.get("sent", []) if isinstance(msg.data, dict) else []
+        return [w for w in sent if isinstance(w, dict)]
+    return []
+
+
+def request(name: str, data: object = None, *, workers: str | None = None, timeout: float = 30.0) -> Iterator[Reply]:
+    """Ask other workers (or this one: ``"self"``) through the daemon and iterate their
+    replies as they stream in: :class:`Reply` items with ``worker`` and ``data`` or
+    ``error``. Raises RequestFailed for a bad selector. Blocking: from a thread; in a
+    coroutine use :func:`request_async`."""
+    replies = _link().ask("send-req", {"workers": workers, "name": name, "data": data, "timeout": timeout})
+    return replies_of(wait_replies(replies, timeout + 5.0))
+
+
+async def request_async(
+    name: str,
+    data: object = None,
+    *,
+    workers: str | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - the workers' deadline, enforced by the daemon per worker
+) -> AsyncIterator[Reply]:
+    """:func:`request` for coroutines: the replies are awaited on a thread, never on the loop."""
+    items = request(name, data, workers=workers, timeout=timeout)
+    done = object()
+    while (item := await asyncio.to_thread(next, items, done)) is not done:
+        assert isinstance(item, Reply)
+        yield item
 
 
 _umask_lock = threading.Lock()

@@ -23,6 +23,7 @@ from sockherd.daemon import succession
 from sockherd.daemon.coordinator import Busy, ShuttingDown
 from sockherd.daemon.herd import DeployFailed
 from sockherd.daemon.ipc import Connection
+from sockherd.daemon.messaging import MessagingError, Router, request_fields
 from sockherd.daemon.process import Worker
 from sockherd.daemon.reaper import process_start_time
 from sockherd.protocol import Message, ProtocolError
@@ -63,19 +64,24 @@ class Control:
             "stop": self._stop,
             "reload": self._reload,
             "terminate": self._terminate,
+            "send-msg": self._send_msg,
+            "send-req": self._send_req,
         }
+        self.router = Router(self.herd)
 
     # -- dispatch ------------------------------------------------------------------------
 
     async def on_message(self, conn: Connection, msg: Message) -> None:
         if msg.is_reply:
-            return  # nothing is asked of peers yet
+            if conn.role == protocol.ROLE_WORKER:
+                await self.router.on_reply(conn, msg)  # a worker answering a send-req
+            return
         if conn.role is None:
             if msg.type != "hello":
                 raise ProtocolError(f"expected a hello first, got {msg.type!r}")
             self._hello(conn, msg)
         elif conn.role == protocol.ROLE_WORKER:
-            self._worker_message(conn, msg)
+            await self._worker_message(conn, msg)
         elif msg.id is not None:
             command = self._commands.get(msg.type)
             if command is None:
@@ -121,12 +127,20 @@ class Control:
         return None
 
     def on_disconnect(self, conn: Connection) -> None:
+        self.router.on_disconnect(conn)
         if conn.worker_id is not None:
             worker = self.herd.workers.get(conn.worker_id)
             if worker is not None and worker.link is conn:
-                worker.link = None
+                # Another connection the worker process itself still has open takes over
+                # (a second hello displaced the first; the second one went away).
+                others = [
+                    c
+                    for c in self.daemon.ipc.connections
+                    if c is not conn and c.worker_id == worker.id and c.pid == worker.pid and c.is_open
+                ]
+                worker.link = others[-1] if others else None
 
-    def _worker_message(self, conn: Connection, msg: Message) -> None:
+    async def _worker_message(self, conn: Connection, msg: Message) -> None:
         worker = self.herd.workers.get(conn.worker_id or "")
         if worker is None:
             return
@@ -135,6 +149,10 @@ class Control:
             worker.report_online("ipc")
         elif msg.type == "broken":
             self.herd.healer.on_broken(worker, str(data.get("reason", ""))[:MAX_REASON] or "no reason given")
+        elif msg.type == "send-msg" and msg.id is not None:
+            await self._send_msg(conn, msg, sender=worker)
+        elif msg.type == "send-req" and msg.id is not None:
+            await self._send_req(conn, msg, sender=worker)
         elif msg.id is not None:
             conn.reply(msg.id, errors=[f"unknown request type {msg.type!r}"])
 
@@ -189,6 +207,46 @@ class Control:
         return value
 
     # -- commands ------------------------------------------------------------------------
+
+    @staticmethod
+    def _origin(conn: Connection, sender: Worker | None) -> dict[str, Any]:
+        return {"worker": sender.id, "pid": sender.pid} if sender is not None else {"client": conn.pid}
+
+    async def _send_msg(self, conn: Connection, msg: Message, sender: Worker | None = None) -> None:
+        assert msg.id is not None
+        try:
+            selector, name, data, _ = request_fields(msg.data, request=False)
+            sent, errors = self.router.send_message(
+                selector, name, data, self._origin(conn, sender), sender.id if sender else None
+            )
+        except MessagingError as exc:
+            conn.reply(msg.id, errors=[str(exc)])
+            return
+        conn.reply(msg.id, {"sent": sent}, errors=errors)
+
+    async def _send_req(self, conn: Connection, msg: Message, sender: Worker | None = None) -> None:
+        request_id = msg.id
+        assert request_id is not None
+
+        def emit(item: dict[str, Any]) -> None:
+            conn.reply(request_id, item, done=False)
+
+        try:
+            selector, name, data, timeout = request_fields(msg.data, request=True)
+            outcomes, errors = await self.router.request(
+                selector,
+                name,
+                data,
+                timeout=timeout,
+                origin=self._origin(conn, sender),
+                emit=emit,
+                writable=conn.writable,
+                self_id=sender.id if sender else None,
+            )
+        except MessagingError as exc:
+            conn.reply(request_id, errors=[str(exc)])
+            return
+        conn.reply(request_id, {"workers": outcomes}, errors=errors)
 
     async def _status(self, conn: Connection, msg: Message) -> None:
         assert msg.id is not None

@@ -100,6 +100,23 @@ class Connection:
         fd: int = self._writer.get_extra_info("socket").fileno()
         return fd
 
+    async def writable(self, seconds: float) -> bool:
+        """Wait until what this peer has not read yet is below the transport's high-water
+        mark (64 KiB). A stream of replies forwarded to it (send-req) waits here, which
+        stops the daemon reading the worker that sends them: backpressure end to end. A
+        peer that reads nothing for ``seconds`` is dropped; False then."""
+        if self._writer.is_closing():
+            return False
+        try:
+            await asyncio.wait_for(self._writer.drain(), seconds)
+        except TimeoutError:
+            log.warning("IPC: pid %d does not read its replies; dropping the connection", self.pid)
+            self.abort()
+            return False
+        except ConnectionError:
+            return False
+        return True
+
     async def drained(self, seconds: float) -> bool:
         """Wait until everything written so far has left for the peer (or ``seconds`` pass)."""
         self._writer.transport.set_write_buffer_limits(high=0)  # drain() now waits for empty

@@ -13,13 +13,27 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sockherd import protocol
 from sockherd.messages import Reply, RequestFailed, replies_of
 from sockherd.protocol import FrameBuffer, Message, ProtocolError
 
-__all__ = ["Client", "CommandFailed", "DaemonUnreachable", "Reply", "RequestFailed"]
+if TYPE_CHECKING:
+    from sockherd.aclient import AsyncClient
+
+__all__ = ["AsyncClient", "Client", "CommandFailed", "DaemonUnreachable", "Reply", "RequestFailed"]
+
+
+def __getattr__(name: str) -> object:
+    # AsyncClient lives in its own module so that the CLI, which uses Client, never
+    # imports asyncio (it would add to every command's start-up).
+    if name == "AsyncClient":
+        from sockherd.aclient import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 CONNECT_TIMEOUT = 5.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -187,3 +188,35 @@ def test_a_rogue_worker_cannot_exhaust_or_stall_the_daemon(start_daemon: DaemonF
     assert all(item["worker"]["id"] == daemon.status()["workers"][0]["id"] for item in outcome)
     assert len([i for i in outcome if "data" in i]) == 10000  # only the replies to its own request
     silent.close()
+
+
+def test_the_client_libraries_sync_and_asyncio(start_daemon: DaemonFactory) -> None:
+    from sockherd.client import AsyncClient, Client, RequestFailed
+
+    daemon = started(start_daemon, workers=2)
+    pids = {w["pid"] for w in daemon.status()["workers"]}
+    with Client(daemon.ipc) as client:
+        assert {w["pid"] for w in client.send_message("hello", workers="0-")} == pids
+        assert sorted(r.data for r in client.send_request("count", workers="0")) == [1, 2, 3]
+        assert [w["ok"] for w in client.last_outcome] == [True]
+        try:
+            list(client.send_request("pid", workers="9"))
+        except RequestFailed as exc:
+            assert "no worker matches" in str(exc)
+        else:
+            raise AssertionError("RequestFailed expected")
+
+    async def main() -> None:
+        async with AsyncClient(daemon.ipc) as client:
+            # Requests on one connection run side by side: a status while a stream is open.
+            stream = client.send_request("acount")
+            first = await anext(stream)
+            status = await client.call("status")
+            rest = [reply async for reply in stream]
+            assert {r.worker["pid"] for r in [first, *rest]} == pids == {w["pid"] for w in status["workers"]}
+            assert len([first, *rest]) == 6
+            progress: list[str] = []
+            await client.call("restart", on_progress=progress.append)
+            assert any("generation 2 is serving" in line for line in progress)
+
+    asyncio.run(main())

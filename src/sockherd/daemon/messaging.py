@@ -111,15 +111,16 @@ class Router:
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """(the workers it was delivered to, errors for those it could not be)."""
         sent, errors = [], []
-        for worker, ref in self.select(selector, self_id):
+        chosen = self.select(selector, self_id)
+        try:  # one frame for every worker: the same bytes go to each
+            frame = protocol.message("message", {"name": name, "data": data, "from": origin})
+        except ProtocolError as exc:
+            raise MessagingError(str(exc)) from None
+        for worker, ref in chosen:
             link = worker.link
             if link is None or not link.is_open:
                 errors.append(f"{describe(ref)}: {_NOT_INTEGRATED}")
                 continue
-            try:
-                frame = protocol.message("message", {"name": name, "data": data, "from": origin})
-            except ProtocolError as exc:
-                raise MessagingError(str(exc)) from None
             link.send(frame)
             sent.append(ref)
         return sent, errors

@@ -8,6 +8,12 @@ No framework, so that everything between nginx and the app is visible:
 * ``GET /slow?ms=N`` answers after N milliseconds (a request to drain during a restart);
 * ``GET /pid`` returns just the pid.
 
+And it answers the daemon's messaging (``sockherd send-req`` / ``send-msg``):
+
+* ``sockherd send-req stats``: each worker's pid and how many requests it served;
+* ``sockherd send-req countdown 3``: a stream of replies, 3, 2, 1;
+* ``sockherd send-msg greeting '"bonjour"'``: changes the greeting of ``GET /``.
+
 The app is wrapped in :class:`sockherd.asgi.SuspendMiddleware`, so a worker started
 suspended (``sockherd restart --suspended``, for a deploy with a database migration)
 holds requests until ``sockherd resume``.
@@ -31,6 +37,28 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_SLOW_MS = 60_000
+STATE: dict[str, Any] = {"greeting": "hello", "served": 0}
+
+
+@worker.request_handler("stats")
+def stats(data: object) -> dict[str, Any]:
+    """`sockherd send-req stats`: one reply per worker."""
+    return {"pid": os.getpid(), "served": STATE["served"]}
+
+
+@worker.request_handler("countdown")
+async def countdown(data: object) -> Any:
+    """`sockherd send-req countdown N`: an async generator streams N replies."""
+    for n in range(int(data) if isinstance(data, int) else 3, 0, -1):
+        yield n
+        await asyncio.sleep(0.1)
+
+
+@worker.on_message
+def greeting(message: str, data: object) -> None:
+    """`sockherd send-msg greeting '"bonjour"'`: the next answers say bonjour."""
+    if message == "greeting" and isinstance(data, str):
+        STATE["greeting"] = data[:40]
 
 
 @worker.on_shutdown
@@ -77,9 +105,10 @@ async def hello_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return
     method, path = scope["method"], scope["path"]
+    STATE["served"] += 1
     if path == "/" and method in ("GET", "HEAD"):
         who = worker.id if worker.id is not None else "standalone"
-        await respond(send, 200, f"hello from worker {who} (index {worker.index}, pid {os.getpid()})\n")
+        await respond(send, 200, f"{STATE['greeting']} from worker {who} (index {worker.index}, pid {os.getpid()})\n")
     elif path == "/pid" and method == "GET":
         await respond(send, 200, f"{os.getpid()}\n")
     elif path == "/echo" and method == "POST":

@@ -33,7 +33,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sockherd._nofollow import chmod_socket
+from sockherd import _worker_sockets as _sockets
 from sockherd._worker_ipc import IpcLink
 from sockherd._worker_messages import Dispatcher, Reply, RequestFailed, replies_of, wait_replies
 from sockherd._worker_state import DEFAULT_SOCKET_MODE as _DEFAULT_SOCKET_MODE
@@ -414,13 +414,6 @@ async def request_async(
         yield item
 
 
-_umask_lock = threading.Lock()
-
-
-_listeners: list[socket.socket] | None = None
-_listeners_lock = threading.Lock()
-
-
 def listeners() -> list[socket.socket]:
     """The shared listeners the daemon handed over (``listen`` in sockherd.toml), or [].
 
@@ -430,20 +423,12 @@ def listeners() -> list[socket.socket]:
     ``sd_listen_fds`` does); their names (``LISTEN_FDNAMES``) are in :func:`listener_names`.
     With shared listeners there is no :data:`socket_path`: serve on these instead.
     """
-    global _listeners
-    with _listeners_lock:
-        if _listeners is None:
-            found = []
-            for fd in range(3, 3 + _env.listen_fds):
-                os.set_inheritable(fd, False)
-                found.append(socket.socket(fileno=fd))
-            _listeners = found
-        return list(_listeners)
+    return _sockets.listeners(_env)
 
 
 def listener_names() -> list[str]:
     """``LISTEN_FDNAMES``, one per :func:`listeners` entry (the daemon names each by its address)."""
-    return list(_env.listen_names)
+    return _sockets.listener_names(_env)
 
 
 def bind_socket() -> socket.socket:
@@ -455,41 +440,4 @@ def bind_socket() -> socket.socket:
     which would race with other threads creating files; elsewhere the umask is used.
     The backlog is explicit because a full UNIX backlog makes nginx fail at once (EAGAIN).
     """
-    path = _env.socket_path
-    if path is None and _env.listen_fds:
-        raise RuntimeError(
-            "sockherd.worker.bind_socket(): this worker serves on the daemon's shared listeners (`listen`), "
-            "not a socket of its own: serve on sockherd.worker.listeners()"
-        )
-    if path is None:
-        raise RuntimeError(
-            "sockherd.worker.bind_socket(): SOCKHERD_SOCKET is not set, so this process is not a sockherd "
-            "worker; bind your own socket (or check worker.socket_path first)"
-        )
-    mode = _env.socket_mode
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            os.fchmod(sock.fileno(), mode)
-        except OSError:
-            with _umask_lock:
-                old = os.umask(0o777 & ~mode)
-                try:
-                    _bind(sock, path)
-                finally:
-                    os.umask(old)
-        else:
-            _bind(sock, path)
-        chmod_socket(path, mode)  # never through a symlink swapped in since the bind
-        sock.listen(_env.backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _bind(sock: socket.socket, path: str) -> None:
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot bind the worker socket {path}: {exc.strerror}") from exc
+    return _sockets.bind_socket(_env)

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from sockherd import protocol
-from sockherd.client import CONNECT_TIMEOUT, CommandFailed, DaemonUnreachable
+from sockherd.client import CONNECT_TIMEOUT, CommandFailed, DaemonUnreachable, settle
 from sockherd.messages import Reply, RequestFailed, replies_of
 from sockherd.protocol import Message, ProtocolError
 
@@ -138,13 +138,8 @@ class AsyncClient:
     ) -> Any:
         """Send a request and return the final reply's data; errors raise CommandFailed."""
         async for reply in self.request(type_, data, timeout=timeout):
-            if reply.errors:
-                raise CommandFailed(reply.errors, reply.data)
-            if not reply.done:
-                if on_progress is not None and isinstance(reply.data, dict) and "progress" in reply.data:
-                    on_progress(str(reply.data["progress"]))
-                continue
-            return reply.data
+            if settle(reply, on_progress):
+                return reply.data
         raise DaemonUnreachable("the daemon ended the answer early")  # pragma: no cover
 
     async def send_message(self, name: str, data: Any = None, *, workers: str | None = None) -> list[dict[str, Any]]:

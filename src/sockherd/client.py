@@ -51,6 +51,18 @@ class CommandFailed(Exception):
         self.data = data
 
 
+def settle(reply: Message, on_progress: Callable[[str], None] | None) -> bool:
+    """One reply of a call: errors raise CommandFailed, progress goes to ``on_progress``;
+    True when it is the final reply (its ``data`` is the answer)."""
+    if reply.errors:
+        raise CommandFailed(reply.errors, reply.data)
+    if reply.done:
+        return True
+    if on_progress is not None and isinstance(reply.data, dict) and "progress" in reply.data:
+        on_progress(str(reply.data["progress"]))
+    return False
+
+
 class Client:
     def __init__(self, ipc_path: str | os.PathLike[str], *, timeout: float | None = None) -> None:
         self.ipc_path = Path(ipc_path)
@@ -144,13 +156,8 @@ class Client:
     ) -> Any:
         """Send a request and return the final reply's data; errors raise CommandFailed."""
         for reply in self.request(type_, data, timeout=timeout):
-            if reply.errors:
-                raise CommandFailed(reply.errors, reply.data)
-            if not reply.done:
-                if on_progress is not None and isinstance(reply.data, dict) and "progress" in reply.data:
-                    on_progress(str(reply.data["progress"]))
-                continue
-            return reply.data
+            if settle(reply, on_progress):
+                return reply.data
         raise DaemonUnreachable("the daemon ended the answer early")  # pragma: no cover
 
     # -- messaging -------------------------------------------------------------------

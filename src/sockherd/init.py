@@ -38,16 +38,9 @@ listen = ["unix:///run/{name}/{name}.sock"]
 """
 
 
-def nginx_snippet(name: str, tmp_dir: str, workers: int, socket_file: str = "app.{worker}.sock") -> str:
-    servers = "\n".join(
-        f"    server unix:{tmp_dir}/{socket_file.format(worker=i)} max_fails=0;" for i in range(workers)
-    )
+def _server_block(name: str, *, retry: bool) -> str:
+    retry_line = "        proxy_next_upstream error timeout;\n" if retry else ""
     return f"""\
-upstream {name} {{
-{servers}
-    keepalive 32;
-}}
-
 server {{
     listen 80;
     location / {{
@@ -57,33 +50,29 @@ server {{
         proxy_set_header Host $host;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;
-        proxy_next_upstream error timeout;
-    }}
+{retry_line}    }}
 }}
 """
 
 
+def nginx_snippet(name: str, tmp_dir: str, workers: int, socket_file: str = "app.{worker}.sock") -> str:
+    servers = "\n".join(
+        f"    server unix:{tmp_dir}/{socket_file.format(worker=i)} max_fails=0;" for i in range(workers)
+    )
+    upstream = f"upstream {name} {{\n{servers}\n    keepalive 32;\n}}\n"
+    return upstream + "\n" + _server_block(name, retry=True)
+
+
 def nginx_listen_snippet(name: str, address: str) -> str:
-    return f"""\
+    upstream = f"""\
 upstream {name} {{
     # One server: every worker accepts from the daemon's socket. nginx does not apply
     # max_fails to a single server, so its defaults are right here.
     server unix:{address.removeprefix("unix://")};
     keepalive 32;
 }}
-
-server {{
-    listen 80;
-    location / {{
-        proxy_pass http://{name};
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $host;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        proxy_set_header X-Forwarded-Proto $scheme;
-    }}
-}}
 """
+    return upstream + "\n" + _server_block(name, retry=False)
 
 
 def systemd_socket_unit(name: str, address: str) -> str:

@@ -7,9 +7,7 @@ Exit codes: 0 done, 1 the command failed (reason on stderr), 2 bad usage or conf
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -140,6 +138,9 @@ def _ipc_path(args: argparse.Namespace) -> Path:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
+    import asyncio  # the daemon's alone: client commands start faster without it
+    import logging
+
     from sockherd.daemon.daemon import Daemon
     from sockherd.daemon.lifecycle import DaemonError
 

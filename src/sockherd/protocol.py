@@ -12,11 +12,13 @@ to one request form a stream; the last one has ``done: true``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # asyncio is the daemon's: the CLI, a blocking client, starts faster without it
+    import asyncio
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20  # bytes in one line, newline included
@@ -161,6 +163,8 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
 
     The reader must have been created with ``limit=MAX_FRAME``.
     """
+    import asyncio
+
     try:
         line = await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError as exc:

@@ -52,6 +52,7 @@ class IpcLink:
         *,
         on_message: Callable[[str, Any, Any], None] | None = None,
         on_request: Callable[[int | str, str, Any, Any], None] | None = None,
+        on_suspend: Callable[[], None] | None = None,
     ) -> None:
         self._path = path
         self._worker_id = worker_id
@@ -59,6 +60,7 @@ class IpcLink:
         self._on_resume = on_resume
         self._on_message = on_message
         self._on_request = on_request
+        self._on_suspend = on_suspend
         self._lock = threading.Lock()
         self._flushed = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -289,6 +291,8 @@ class IpcLink:
             self._call("resume", self._on_resume, index)
             if msg.id is not None:  # a one-way message by contract; a request is answered all the same
                 self._reply(msg.id, None if error is None else [error])
+        elif msg.type == "suspend" and self._on_suspend is not None:
+            self._call("suspend", self._on_suspend)
         elif msg.type == "message" and isinstance(msg.data, dict) and self._on_message is not None:
             self._call(
                 "message", self._on_message, str(msg.data.get("name", "")), msg.data.get("data"), msg.data.get("from")

@@ -155,6 +155,10 @@ class ResumeState:
         self._index = index
         self._waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
         self._hooks: list[tuple[Hook, asyncio.AbstractEventLoop | None]] = []
+        # Every resume hook, to run again when a parked worker (kept for a rollback,
+        # its background work paused by on_suspend) is taken back into service.
+        self._all_hooks: list[tuple[Hook, asyncio.AbstractEventLoop | None]] = []
+        self._parked = False
 
     @property
     def suspended(self) -> bool:
@@ -170,16 +174,33 @@ class ResumeState:
             if index is not None:
                 self._index = index
             if self._resumed.is_set():
-                return False
-            self._resumed.set()
-            waiters, self._waiters = self._waiters, {}
-            hooks, self._hooks = self._hooks, []
+                if not self._parked:
+                    return False
+                self._parked = False  # back from a park: the on_resume hooks start their work again
+                hooks = list(self._all_hooks)
+                waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
+            else:
+                self._resumed.set()
+                waiters, self._waiters = self._waiters, {}
+                hooks, self._hooks = self._hooks, []
         for future, waiter_loop in waiters.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there any more
                 waiter_loop.call_soon_threadsafe(_release, future)
         for hook, hook_loop in hooks:
             run_resume_hook(hook, hook_loop)
         return True
+
+    def park(self) -> bool:
+        """The daemon keeps this worker out of traffic (for a rollback); False if it already was."""
+        with self._lock:
+            if self._parked:
+                return False
+            self._parked = True
+            return True
+
+    @property
+    def parked(self) -> bool:
+        return self._parked
 
     def wait(self, timeout: float | None) -> bool:
         return self._resumed.wait(timeout)
@@ -210,6 +231,7 @@ class ResumeState:
         """Run ``hook`` on resume, or now if not suspended (see :func:`run_resume_hook`)."""
         loop = _running_loop()
         with self._lock:
+            self._all_hooks.append((hook, loop))
             if not self._resumed.is_set():
                 self._hooks.append((hook, loop))
                 return

@@ -69,7 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="if a newer sockherd is installed, re-execute the daemon in place (same pid) first",
             )
+            sub.add_argument(
+                "--keep-previous",
+                type=_duration,
+                metavar="DURATION",
+                help="keep the old generation this long (60, 90s, 5m, 1h), warm and out of traffic, for `rollback`",
+            )
+            sub.add_argument(
+                "--canary",
+                type=int,
+                metavar="N",
+                help="publish the new generation on N slots only; then `promote` or `rollback`",
+            )
     command("resume", "release the requests suspended workers hold")
+    command("rollback", "go back to the kept generation (renames only), retire the other")
+    command("commit", "retire the kept generation now: the deploy is final")
+    command("promote", "complete a canary deploy: every slot switches to the new generation")
     for name, help_ in (("set-workers", "scale the published workers"), ("set-standby", "scale the standbys")):
         command(name, help_ + " (until the next reload)").add_argument("count", type=int, metavar="N")
     command("stop", "stop the workers (the daemon keeps running)")
@@ -218,6 +233,10 @@ def _run_client_command(args: argparse.Namespace) -> int:
             data["suspended"] = True
         if getattr(args, "upgrade", False):
             data["upgrade"] = True
+        if getattr(args, "keep_previous", None) is not None:
+            data["keep_previous"] = args.keep_previous
+        if getattr(args, "canary", None) is not None:
+            data["canary"] = args.canary
         if getattr(args, "count", None) is not None:
             data["count"] = args.count
         result = client.call(args.command, data or None, on_progress=_progress)
@@ -271,6 +290,17 @@ def _summary(command: str, result: Any) -> str:
             held += f"; daemon upgraded in place from {upgraded.get('from')} to {upgraded.get('to')}"
             held += f" (pid {upgraded.get('pid')})"
         return f"{command} done: serving from pid(s) {pids}{held}"
+    if command == "rollback":
+        back = result.get("result") if isinstance(result.get("result"), dict) else {}
+        return (
+            f"rollback done: generation {back.get('generation')} serves again "
+            f"({len(back.get('slots', []))} slot(s) moved in {back.get('moved_ms')} ms)"
+        )
+    if command == "commit":
+        return f"commit done: retired {result.get('result', 0)} kept worker(s)"
+    if command == "promote":
+        pids = ", ".join(str(w["pid"]) for w in result.get("status", {}).get("workers", []) if w.get("published"))
+        return f"promote done: serving from pid(s) {pids}"
     if command == "stop":
         return f"stopped {result.get('stopped', 0)} worker(s)"
     if command == "resume":
@@ -280,6 +310,19 @@ def _summary(command: str, result: Any) -> str:
     if command == "reload":
         return f"reload done: {result.get('result')}"
     return f"{command} done"
+
+
+def _duration(text: str) -> float:
+    """``60``, ``90s``, ``5m``, ``1h``, ``1.5m``: seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1.0)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (60, 90s, 5m, 1h)") from None
+    if not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration from 1 second to 24 hours")
+    return seconds
 
 
 def _age(since: float | None) -> str:
@@ -323,6 +366,17 @@ def format_status(status: dict[str, Any]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]
     ]
+    if kept := d.get("kept"):
+        left = f", {max(0, int(kept['until'] - time.time()))}s left" if kept.get("until") else ""
+        lines.append(
+            f"kept: generation {kept['generation']} ({len(kept['pids'])} worker(s){left}, "
+            f"{kept['rss'] >> 20} MiB): `sockherd rollback` goes back to it"
+        )
+    if canary := d.get("canary"):
+        slots = ", ".join(str(i) for i in canary["slots"])
+        lines.append(f"canary: generation {canary['generation']} on slot(s) {slots}: `sockherd promote` or `rollback`")
+    if d.get("rolled_back"):
+        lines.append(d["rolled_back"])
     for slot in status.get("slots", []):
         if slot.get("next_attempt_at"):
             wait = max(0.0, slot["next_attempt_at"] - time.time())

@@ -115,6 +115,7 @@ class Config:
     max_memory: int | None
     max_age: float | None
     pidfile: Path | None = None
+    keep_previous: float | None = None
 
     @property
     def ipc_path(self) -> Path:
@@ -171,6 +172,7 @@ class Config:
             "max_memory": self.max_memory,
             "max_age": self.max_age,
             "pidfile": None if self.pidfile is None else str(self.pidfile),
+            "keep_previous": self.keep_previous,
         }
 
 
@@ -371,6 +373,11 @@ def _check_listener_mode(parsed: dict[str, Any], origins: dict[str, str], first:
             "workers have none: they get the shared listeners as LISTEN_FDS from fd 3 (gunicorn takes them as they "
             "are; `uvicorn --fd 3`, `hypercorn --bind fd://3`)"
         )
+    if parsed["keep_previous"] is not None:
+        raise ConfigError(
+            f"{origins.get('keep_previous', first)}: key 'keep_previous': not with `listen`: every worker accepts "
+            "from the shared socket, so a kept generation would still take connections"
+        )
     if parsed["dev_server"] is not None:
         raise ConfigError(
             f"{origins.get('dev_server', first)}: key 'dev_server': not with `listen`: the workers already serve "
@@ -418,4 +425,5 @@ def _build(path: Path, files: tuple[Path, ...], values: dict[str, Any]) -> Confi
         max_memory=values["max_memory"],
         max_age=values["max_age"],
         pidfile=values["pidfile"],
+        keep_previous=values["keep_previous"],
     )

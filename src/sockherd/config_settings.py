@@ -502,6 +502,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("max_age", "seconds or false", False,
             "recycle a worker after this many seconds, with jitter; `false`: never",
             seconds(allow_false=True), default_doc="none"),
+    Setting("keep_previous", "seconds or false", False,
+            "after a restart, keep the previous generation this long, warm and out of traffic, so that "
+            "`sockherd rollback` is a rename (`restart --keep-previous` overrides it); `false`: retire it at once",
+            seconds(allow_false=True), default_doc="none"),
     Setting("pidfile", "path or false", False,
             "file the daemon writes its pid to (removed when it exits); `false`: none", optional_path,
             default_doc="none"),

@@ -78,6 +78,7 @@ class SockherdServer(uvicorn.Server):
         self._draining = False
         self._hurry = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._shedding: asyncio.Task[bool] | None = None
 
     def request_exit(self) -> None:
         """Start the graceful shutdown; safe from any thread (the main loop polls the flag).
@@ -94,8 +95,34 @@ class SockherdServer(uvicorn.Server):
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
                 self._loop.call_soon_threadsafe(self._respond_with_close)
 
+    def request_shed(self) -> None:
+        """The daemon keeps this worker for a rollback (``suspend``): close its keep-alive
+        connections gracefully (``Connection: close`` on every response, idle ones after
+        a grace), so that nginx stops reusing them. Safe from any thread."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._shed)
+
+    def _shed(self) -> None:
+        if self._draining:
+            return
+        self._respond_with_close()
+        if self._shedding is None or self._shedding.done():
+            self._shedding = asyncio.ensure_future(self._drain_connections(None))
+
+    def _end_shed(self) -> None:
+        """Back in service (a rollback resumed it): keep-alive again."""
+        if self._shedding is not None:
+            self._shedding.cancel()
+            self._shedding = None
+        if not self._draining:
+            headers = self.server_state.default_headers
+            while CLOSE_HEADER in headers:
+                headers.remove(CLOSE_HEADER)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        worker.on_resume(self._end_shed)  # runs now (not suspended) and after every park
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             where = ", ".join(worker.listener_names()) if self.shared else worker.socket_path
@@ -124,6 +151,8 @@ class SockherdServer(uvicorn.Server):
         ``timeout_graceful_shutdown`` (or a SIGTERM during the drain) cuts step 4 short.
         """
         self._draining = True
+        if self._shedding is not None:
+            self._shedding.cancel()
         loop = asyncio.get_running_loop()
         timeout = self.config.timeout_graceful_shutdown
         deadline = None if timeout is None else loop.time() + timeout
@@ -237,10 +266,12 @@ def run(app: str | ASGIApp, **kwargs: Any) -> None:
     server = SockherdServer(uvicorn.Config(app, **kwargs), shared=bool(shared))
     sockets = shared or [worker.bind_socket()]
     worker.set_shutdown_handler(server.request_exit)
+    worker.set_suspend_handler(server.request_shed)
     try:
         server.run(sockets=sockets)
     finally:
         worker.set_shutdown_handler(None)
+        worker.set_suspend_handler(None)
         for sock in sockets:
             sock.close()
 

@@ -37,7 +37,15 @@ from sockherd import _worker_sockets as _sockets
 from sockherd._worker_ipc import IpcLink
 from sockherd._worker_messages import Dispatcher, Reply, RequestFailed, replies_of, wait_replies
 from sockherd._worker_state import DEFAULT_SOCKET_MODE as _DEFAULT_SOCKET_MODE
-from sockherd._worker_state import Environment, Resumed, ResumeState, hook_name, read_environment, run_blocking
+from sockherd._worker_state import (
+    Environment,
+    Resumed,
+    ResumeState,
+    hook_name,
+    read_environment,
+    run_blocking,
+    run_resume_hook,
+)
 
 __all__ = [
     "Environment",
@@ -53,6 +61,7 @@ __all__ = [
     "on_message",
     "on_resume",
     "on_shutdown",
+    "on_suspend",
     "read_environment",
     "report_broken",
     "report_online",
@@ -64,6 +73,7 @@ __all__ = [
     "run_shutdown_hooks_async",
     "send_message",
     "set_shutdown_handler",
+    "set_suspend_handler",
     "socket_mode",
     "socket_path",
     "suspended",
@@ -106,6 +116,8 @@ class _Worker:
         self._lock = threading.Lock()
         self._hooks: list[Callable[[], object]] = []
         self._shutdown_handler: Callable[[], None] | None = None
+        self._suspend_handler: Callable[[], None] | None = None
+        self._suspend_hooks: list[tuple[Callable[[], object], asyncio.AbstractEventLoop | None]] = []
         self._shutdown_requested = False
         self._ready_notified = False
         self.ipc: IpcLink | None = None
@@ -118,6 +130,7 @@ class _Worker:
                 self.handle_resume_message,
                 on_message=self.messages.on_message,
                 on_request=self.messages.on_request,
+                on_suspend=self.handle_suspend_message,
             )
         elif env.suspended:
             # Only the daemon's resume ends a suspension: without a link to it, holding
@@ -159,6 +172,24 @@ class _Worker:
         if self.resume_state.resume():
             log.info("sockherd: shutdown while suspended: resumed first, so that held requests are served")
         handler()
+
+    def handle_suspend_message(self) -> None:
+        """Called by the IPC thread on ``suspend``: the daemon keeps this worker for a
+        rollback, out of traffic. Requests still arriving (on keep-alive connections nginx
+        opened before) are served, not held; the server is asked to close those
+        connections gracefully, and the on_suspend hooks pause background work."""
+        if not self.resume_state.park():
+            return
+        log.info("sockherd: kept out of traffic for a rollback (suspend)")
+        with self._lock:
+            handler, hooks = self._suspend_handler, list(self._suspend_hooks)
+        if handler is not None:
+            try:
+                handler()
+            except Exception:
+                log.exception("sockherd: the suspend handler failed")
+        for hook, loop in hooks:
+            run_resume_hook(hook, loop)
 
     def handle_resume_message(self, index: int | None) -> None:
         """Called by the IPC thread on ``resume``; ``index`` is set when a standby is promoted."""
@@ -328,6 +359,29 @@ def on_resume(fn: HookT) -> HookT:
     """
     _worker.resume_state.add_hook(fn)
     return fn
+
+
+def on_suspend(fn: HookT) -> HookT:
+    """Register a hook (sync or async) run each time the daemon keeps this worker out of
+    traffic for a rollback (``restart --keep-previous``, the old workers of a canary's
+    slots): the place to pause background work. The twin of :func:`on_resume`, whose
+    hooks run again when a rollback takes the worker back into service. Runs where an
+    ``on_resume`` hook would."""
+    loop: asyncio.AbstractEventLoop | None
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    with _worker._lock:
+        _worker._suspend_hooks.append((fn, loop))
+    return fn
+
+
+def set_suspend_handler(fn: Callable[[], None] | None) -> None:
+    """What a ``suspend`` does to the server (the uvicorn runner closes its keep-alive
+    connections gracefully). Runs on the library's thread: trigger, do not perform."""
+    with _worker._lock:
+        _worker._suspend_handler = fn
 
 
 def set_shutdown_handler(fn: Callable[[], None] | None) -> None:

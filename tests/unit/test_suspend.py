@@ -521,3 +521,30 @@ def test_middlewares_refuse_negative_settings() -> None:
         wsgi.SuspendMiddleware(no_wsgi_app, timeout=-1)
     with pytest.raises(ValueError, match="retry_after"):
         wsgi.SuspendMiddleware(no_wsgi_app, retry_after=-1)
+
+
+def test_a_park_pauses_with_on_suspend_and_the_next_resume_runs_on_resume_again(
+    run: Callable[..., Script], fake_daemon: FakeDaemon
+) -> None:
+    """Kept for a rollback (`suspend`), a worker is not suspended in the sense of holding
+    requests: only its hooks pause and restart its background work."""
+    script = run(
+        """
+        import sys
+        from sockherd import worker
+        worker.on_resume(lambda: say("start background work"))
+        worker.on_suspend(lambda: say("pause background work", worker.suspended))
+        worker.set_suspend_handler(lambda: say("shed keep-alive connections"))
+        worker.report_online()
+        sys.stdin.readline()
+        """,
+        **suspended_env(fake_daemon, suspended="0"),
+    )
+    assert script.line() == "start background work"
+    fake_daemon.wait_message("online")
+    fake_daemon.send(b'{"type":"suspend"}\n')
+    assert {script.line(), script.line()} == {"shed keep-alive connections", "pause background work False"}
+    fake_daemon.resume({"index": 0})
+    assert script.line() == "start background work"
+    script.go_on()
+    script.finish()

@@ -64,6 +64,9 @@ class Control:
             "stop": self._stop,
             "reload": self._reload,
             "terminate": self._terminate,
+            "rollback": self._rollback,
+            "commit": self._commit,
+            "promote": self._promote,
             "send-msg": self._send_msg,
             "send-req": self._send_req,
         }
@@ -272,8 +275,23 @@ class Control:
                 lambda progress: self._upgrade(conn, request_id, attempts, suspended, progress),
             )
             return
+        extra: dict[str, Any] = {}
+        if msg.type == "restart":
+            keep = data.get("keep_previous", self.daemon.config.keep_previous)
+            if keep is not None and (
+                isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 86400
+            ):
+                conn.reply(request_id, errors=["restart: 'keep_previous' must be a number of seconds from 0 to 86400"])
+                return
+            canary = data.get("canary")
+            if canary is not None and (isinstance(canary, bool) or not isinstance(canary, int) or canary < 1):
+                conn.reply(request_id, errors=["restart: 'canary' must be a positive integer"])
+                return
+            if canary is not None and "keep_previous" not in data:
+                keep = None  # a canary keeps the old workers of its slots by itself
+            extra = {"keep_previous": float(keep) if keep is not None else None, "canary": canary}
         await self.answer_deploy(
-            conn, request_id, msg.type, lambda progress: run(attempts, progress, suspended=suspended)
+            conn, request_id, msg.type, lambda progress: run(attempts, progress, suspended=suspended, **extra)
         )
 
     async def _upgrade(
@@ -320,6 +338,19 @@ class Control:
 
     async def _restart(self, conn: Connection, msg: Message) -> None:
         await self._deploy(conn, msg, self.daemon.ops.restart)
+
+    async def _rollback(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        await self.answer_deploy(conn, msg.id, msg.type, self.daemon.ops.rollback)
+
+    async def _commit(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        await self.answer_deploy(conn, msg.id, msg.type, lambda progress: self.daemon.ops.commit())
+
+    async def _promote(self, conn: Connection, msg: Message) -> None:
+        assert msg.id is not None
+        attempts = self.daemon.config.max_start_attempts
+        await self.answer_deploy(conn, msg.id, msg.type, lambda progress: self.daemon.ops.promote(attempts, progress))
 
     async def _resume(self, conn: Connection, msg: Message) -> None:
         assert msg.id is not None

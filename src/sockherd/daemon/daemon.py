@@ -94,6 +94,7 @@ class Daemon:
         )
         self.dev_server: DevServer | None = None
         self._link_watch = LinkWatch(self.herd.check_link)
+        self.herd.on_canary_failed = lambda why: self._spawn_background(self._auto_rollback(why))
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -233,6 +234,19 @@ class Daemon:
         with contextlib.suppress(OSError, ValueError):
             if int(path.read_text().strip()) == os.getpid():
                 os.unlink(path)
+
+    async def _auto_rollback(self, why: str) -> None:
+        """A canary worker crashed or broke: put the old generation back on its slots."""
+        canary = self.herd.canary
+        while self.herd.canary is canary and canary is not None:
+            try:
+                await self.ops.rollback(log_progress, why=f"canary rolled back by itself: {why}")
+                return
+            except Busy:
+                await asyncio.sleep(0.2)  # a command holds the daemon: roll back right after it
+            except (ShuttingDown, DeployFailed) as exc:
+                log.error("automatic rollback of the canary failed: %s", exc)
+                return
 
     async def _initial_start(self) -> None:
         try:
@@ -388,6 +402,9 @@ class Daemon:
                 "dev_server": self.dev_server.port if self.dev_server else None,
                 "dumpable": is_dumpable(),
                 "listeners": [item.address for item in herd.listeners.items],
+                "kept": herd.kept.as_dict() if herd.kept is not None else None,
+                "canary": herd.canary.as_dict() if herd.canary is not None else None,
+                "rolled_back": herd.rolled_back,
             },
             "workers": herd.status(),
             "slots": herd.healer.slot_status(),

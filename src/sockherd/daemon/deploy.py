@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sockherd.daemon import takeback
 from sockherd.daemon.desired import Desired
 from sockherd.daemon.environment import output_tail
 from sockherd.daemon.herd import DeployFailed, Herd, Progress
@@ -20,15 +21,26 @@ from sockherd.daemon.publish import slot_obstacle
 log = logging.getLogger("sockherd")
 
 
-async def deploy(herd: Herd, target: Desired, attempts: int, progress: Progress) -> None:
-    """Bring ``target`` up as a new generation; on success it becomes the desired state."""
+async def deploy(
+    herd: Herd, target: Desired, attempts: int, progress: Progress, *, keep_previous: float | None = None
+) -> None:
+    """Bring ``target`` up as a new generation; on success it becomes the desired state.
+
+    ``keep_previous``: seconds to keep the replaced workers for a rollback (takeback.py).
+    """
     herd.check_tmp_dir()
+    if herd.canary is not None:
+        raise DeployFailed("a canary deploy is in progress: `sockherd promote` or `sockherd rollback` first")
+    if herd.kept is not None:
+        progress(f"retiring the kept generation {herd.kept.generation.number} first (a new deploy replaces it)")
+        await takeback.commit(herd, "a new deploy")
+    before = herd.desired
     gen = herd.begin_generation(target)
     try:
         if target.config.strategy == "rolling" and herd.slots:
             await _deploy_rolling(herd, gen, target, attempts, progress)
         else:
-            await _deploy_atomic(herd, gen, target, attempts, progress)
+            await _deploy_atomic(herd, gen, target, attempts, progress, keep_from=before, keep_seconds=keep_previous)
     finally:
         herd.end_pending()
     herd.want(target.but(running=True))
@@ -84,19 +96,34 @@ async def _publish_all(herd: Herd, started: list[Worker]) -> None:
         raise DeployFailed(f"cannot publish: {exc.strerror or exc} ({exc.filename})") from None
 
 
-async def _deploy_atomic(herd: Herd, gen: Generation, target: Desired, attempts: int, progress: Progress) -> None:
+async def _deploy_atomic(
+    herd: Herd,
+    gen: Generation,
+    target: Desired,
+    attempts: int,
+    progress: Progress,
+    *,
+    keep_from: Desired | None = None,
+    keep_seconds: float | None = None,
+) -> None:
     count, standby = target.workers, target.standby
     _check_slots(herd, range(count))
     progress(f"starting generation {gen.number}: {count} worker(s)" + (f" + {standby} standby" if standby else ""))
     indexes: list[int | None] = [*range(count), *([None] * standby)]
     started = await _start_together(herd, gen, indexes, attempts, progress, suspended=target.suspended)
-    old = [w for w in herd.workers.values() if w.generation != gen.number]
+    replaced = dict(herd.slots)
     await _publish_all(herd, started)
     herd.flush_state()  # the swap is the moment a successor must know about
     for index in [i for i in herd.slots if i >= count]:  # fewer workers than before
         herd.unpublish(index)
     herd.make_current(gen)
+    if keep_seconds is not None and keep_from is not None:
+        takeback.keep(herd, replaced, keep_from, seconds=keep_seconds, reason="keep-previous")
+    kept = set(herd.kept.workers.values()) if herd.kept is not None else set()
+    old = [w for w in herd.workers.values() if w.generation != gen.number and w not in kept]
     progress(f"generation {gen.number} published; stopping {len(old)} old worker(s)")
+    if kept:
+        progress(f"keeping generation {next(iter(kept)).generation} ({len(kept)} worker(s)) for a rollback")
     await herd.retire(old)
     progress(f"generation {gen.number} is " + ("published, holding requests" if target.suspended else "serving"))
 
@@ -142,6 +169,65 @@ async def _roll_back(herd: Herd, gen: Generation, indexes: list[int], progress: 
         if previous is not None:
             await herd.retire([previous])
     herd.make_current(gen)
+
+
+async def deploy_canary(herd: Herd, target: Desired, count: int, attempts: int, progress: Progress) -> None:
+    """Publish ``count`` workers of a new generation on slots 0..count-1; keep the ones they replace."""
+    herd.check_tmp_dir()
+    try:
+        takeback.check_canary(herd, count, target)
+    except takeback.NothingToTakeBack as exc:
+        raise DeployFailed(str(exc)) from None
+    if herd.kept is not None:
+        progress(f"retiring the kept generation {herd.kept.generation.number} first (a new deploy replaces it)")
+        await takeback.commit(herd, "a new deploy")
+    before = herd.desired
+    gen = herd.begin_generation(target)
+    try:
+        slots = list(range(count))
+        _check_slots(herd, range(count))
+        progress(f"starting generation {gen.number} as a canary on slot(s) {_slots(slots)}")
+        indexes: list[int | None] = list(slots)
+        started = await _start_together(herd, gen, indexes, attempts, progress, suspended=False)
+        replaced = {i: w for i, w in herd.slots.items() if i in slots}
+        await _publish_all(herd, started)
+        herd.canary = takeback.Canary(gen, target, slots)
+        takeback.keep(herd, replaced, before, seconds=None, reason="canary")
+        herd.flush_state()
+    finally:
+        herd.end_pending()
+    progress(
+        f"generation {gen.number} serves slot(s) {_slots(slots)} of {len(herd.slots)}; "
+        "`sockherd promote` completes the deploy, `sockherd rollback` undoes it"
+    )
+
+
+async def promote(herd: Herd, attempts: int, progress: Progress) -> None:
+    """Complete a canary deploy: start the rest of its generation, switch every other slot at once."""
+    canary = herd.canary
+    if canary is None:
+        raise DeployFailed("nothing to promote: no canary deploy is in progress (`sockherd restart --canary N`)")
+    herd.check_tmp_dir()
+    target, gen = canary.target, canary.generation
+    rest: list[int | None] = [i for i in range(target.workers) if i not in canary.slots]
+    _check_slots(herd, range(target.workers))
+    progress(
+        f"promoting generation {gen.number}: starting {len(rest)} worker(s)"
+        + (f" + {target.standby} standby" if target.standby else "")
+    )
+    started = await _start_together(
+        herd, gen, [*rest, *([None] * target.standby)], attempts, progress, suspended=target.suspended
+    )
+    await _publish_all(herd, started)
+    for index in [i for i in herd.slots if i >= target.workers]:
+        herd.unpublish(index)
+    herd.flush_state()
+    progress(f"generation {gen.number} serves every slot; stopping the old generation")
+    await takeback.retire_after_promote(herd, canary, started)
+
+
+def _slots(indexes: list[int]) -> str:
+    return ", ".join(str(i) for i in indexes)
 
 
 async def scale_workers(herd: Herd, count: int, attempts: int, progress: Progress) -> None:

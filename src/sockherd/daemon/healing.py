@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sockherd.daemon import takeback
 from sockherd.daemon.coordinator import ShuttingDown
 from sockherd.daemon.process import Generation, StartError, Worker, describe_exit
 
@@ -71,6 +72,7 @@ class Healer:
         self._live_replacements: dict[str, asyncio.Task[None]] = {}  # worker id -> task
         self._age_timers: dict[str, asyncio.TimerHandle] = {}
         self._memory_watch: asyncio.Task[None] | None = None
+        self._kept_expiry: asyncio.Task[None] | None = None
 
     def restarts(self, index: int | None) -> int:
         return self.health[index].restarts if index is not None and index in self.health else 0
@@ -104,7 +106,7 @@ class Healer:
 
     async def stop(self) -> None:
         tasks = [h.replacement for h in self.health.values() if h.replacement is not None]
-        tasks += [t for t in (self._refill, self._memory_watch) if t is not None]
+        tasks += [t for t in (self._refill, self._memory_watch, self._kept_expiry) if t is not None]
         tasks += list(self._live_replacements.values())
         for task in tasks:
             task.cancel()
@@ -152,7 +154,13 @@ class Healer:
             self.refill_standbys()
             return
         if herd.slots.get(index) is not worker:
+            if herd.kept is not None and worker in herd.kept.workers.values():
+                self._lose_kept(worker, code)
+                return
             log.warning("%s exited (%s) before it was published", worker.label, describe_exit(code))
+            return
+        if herd.canary is not None and worker.generation == herd.canary.generation.number:
+            self._canary_failed(f"{worker.label} crashed ({describe_exit(code)})")
             return
         health = self.health.setdefault(index, SlotHealth())
         if worker.online_at is not None and time.time() - worker.online_at > BACKOFF_RESET_AFTER:
@@ -173,6 +181,43 @@ class Healer:
             return
         log.warning("%s crashed (%s); replacing it", worker.label, describe_exit(code))
         self._start_replacement(index, worker, Generation.of(worker))
+
+    def expire_kept(self, kept: takeback.Kept) -> None:
+        """Retire a kept generation when its time is up (a yielding operation, like recycling)."""
+        if self._kept_expiry is not None:
+            self._kept_expiry.cancel()
+        self._kept_expiry = asyncio.create_task(self._expire(kept), name=f"expire kept generation {kept.generation}")
+
+    async def _expire(self, kept: takeback.Kept) -> None:
+        assert kept.until is not None
+        await asyncio.sleep(max(0.0, kept.until - time.time()))
+        herd = self.herd
+        while herd.kept is kept:
+            try:
+                await herd.coordinator.run("commit", lambda: self._retire_expired(kept), kind="yielding")
+                return
+            except ShuttingDown:
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # A command preempted it: once it is done, the kept generation may be gone.
+
+    async def _retire_expired(self, kept: takeback.Kept) -> None:
+        if self.herd.kept is kept:
+            workers = takeback.drop_kept(self.herd, "its keep-previous time is up")
+            await asyncio.shield(self.herd.retire(workers))
+
+    def _lose_kept(self, worker: Worker, code: int) -> None:
+        """A kept worker died: a partial generation cannot be rolled back to, so none is kept."""
+        for other in takeback.drop_kept(self.herd, f"{worker.label} exited ({describe_exit(code)})"):
+            asyncio.ensure_future(other.stop())  # noqa: RUF006 - tracked by the worker's own stop task
+
+    def _canary_failed(self, why: str) -> None:
+        log.error("canary failed: %s; rolling back", why)
+        if self.herd.on_canary_failed is not None:
+            self.herd.on_canary_failed(why)
 
     def _ready_standby(self, generation: int) -> Worker | None:
         ready = [w for w in self.herd.standbys(generation) if w.online_at is not None and w.broken_reason is None]
@@ -298,6 +343,10 @@ class Healer:
     def on_broken(self, worker: Worker, reason: str) -> None:
         worker.report_broken(reason)
         log.warning("%s reports itself broken: %s", worker.label, reason)
+        canary = self.herd.canary
+        if canary is not None and worker.generation == canary.generation.number and worker.index is not None:
+            self._canary_failed(f"{worker.label} reported itself broken: {reason}")
+            return
         if worker.index is None and worker.generation == (self.herd.current.number if self.herd.current else None):
             asyncio.ensure_future(worker.stop())  # noqa: RUF006 - tracked by the worker's own stop task
             self.refill_standbys()

@@ -42,6 +42,7 @@ from sockherd.daemon.processes import ProcessLayer
 from sockherd.daemon.publish import publish_symlink, unpublish_symlink
 from sockherd.daemon.reaper import process_start_time
 from sockherd.daemon.state_file import FORMAT, StateFile, spec_to_dict
+from sockherd.daemon.takeback import Canary, Kept
 
 log = logging.getLogger("sockherd")
 
@@ -76,6 +77,12 @@ class Herd:
         # Shared listeners (``listen``), opened by the daemon for its whole life; empty:
         # every worker binds its own socket and slots are published as symlinks.
         self.listeners = Listeners()
+        # Deploys you can take back (takeback.py): a kept previous generation, a canary.
+        self.kept: Kept | None = None
+        self.canary: Canary | None = None
+        self.rolled_back: str | None = None  # why the last canary rolled back by itself
+        # Set by the daemon: runs an automatic rollback (a canary worker crashed or broke).
+        self.on_canary_failed: Callable[[str], None] | None = None
 
     # -- the desired state (read here; written by operations) ---------------------------
 
@@ -147,6 +154,7 @@ class Herd:
             shown = index is not None and not self.listeners
             row["symlink"] = str(self.config.symlink_path(index)) if shown and index is not None else None
             row["published"] = index is not None
+            row["kept"] = self.kept is not None and w in self.kept.workers.values()
             rows.append(row)
         return rows
 

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sockherd.config import Config, load_config
-from sockherd.daemon.deploy import deploy, scale_standby, scale_workers
+from sockherd.daemon import takeback
+from sockherd.daemon.deploy import deploy, deploy_canary, promote, scale_standby, scale_workers
 from sockherd.daemon.desired import Desired
 from sockherd.daemon.herd import DeployFailed, Herd, Progress
 from sockherd.daemon.reload import ReloadPlan, plan_reload
@@ -53,13 +54,78 @@ class Operations:
         progress(f"the config file changed since it was loaded ({', '.join(plan.changed)}): starting with it")
         return desired.but(config=new, workers=new.workers, standby=new.standby)
 
-    async def restart(self, attempts: int, progress: Progress, *, suspended: bool = False) -> None:
-        """A new generation of the desired state; the old one retires once it is published."""
+    async def restart(
+        self,
+        attempts: int,
+        progress: Progress,
+        *,
+        suspended: bool = False,
+        keep_previous: float | None = None,
+        canary: int | None = None,
+    ) -> None:
+        """A new generation of the desired state; the old one retires once it is published
+        (or is kept for a rollback; or, as a canary, the new one serves some slots only)."""
+        self._check_takeback(keep_previous, canary, suspended)
 
         async def work() -> None:
-            await deploy(self.herd, self.herd.desired.but(suspended=suspended), attempts, progress)
+            target = self.herd.desired.but(suspended=suspended)
+            if canary is not None:
+                await deploy_canary(self.herd, target, canary, attempts, progress)
+            else:
+                await deploy(self.herd, target, attempts, progress, keep_previous=keep_previous)
 
         await self._coordinator.run("restart", work)
+
+    def _check_takeback(self, keep_previous: float | None, canary: int | None, suspended: bool) -> None:
+        """Refuse the combinations that cannot hold, with the reason (docs/deploying.md)."""
+        herd = self.herd
+        if keep_previous is None and canary is None:
+            return
+        what = "--canary" if canary is not None else "--keep-previous"
+        if herd.listeners:
+            raise DeployFailed(
+                f"{what} needs per-worker sockets: with `listen` every worker accepts from the shared socket, "
+                "so a kept or old generation would still take connections"
+            )
+        if herd.config.strategy == "rolling":
+            raise DeployFailed(f'{what} needs strategy = "atomic": a rolling deploy retires each slot as it goes')
+        if canary is not None and (keep_previous is not None or suspended):
+            raise DeployFailed("--canary keeps the old workers of its slots by itself, and cannot be --suspended")
+
+    async def rollback(self, progress: Progress, *, why: str | None = None) -> dict[str, object]:
+        """Back to the kept generation: renames only, then the other generation retires."""
+
+        async def work() -> dict[str, object]:
+            try:
+                result = await takeback.rollback(self.herd, progress)
+            except takeback.NothingToTakeBack as exc:
+                raise DeployFailed(str(exc)) from None
+            if why is not None:
+                self.herd.rolled_back = why
+            return result
+
+        return await self._coordinator.run("rollback", work)
+
+    async def commit(self) -> int:
+        """Retire the kept generation now: the deploy is final."""
+
+        async def work() -> int:
+            if self.herd.kept is None:
+                raise DeployFailed("nothing to commit: no generation is kept")
+            try:
+                return await takeback.commit(self.herd, "committed")
+            except takeback.NothingToTakeBack as exc:
+                raise DeployFailed(str(exc)) from None
+
+        return await self._coordinator.run("commit", work)
+
+    async def promote(self, attempts: int, progress: Progress) -> None:
+        """Complete a canary deploy."""
+
+        async def work() -> None:
+            await promote(self.herd, attempts, progress)
+
+        await self._coordinator.run("promote", work)
 
     async def resume(self) -> int:
         """Release the published workers' held requests. Standbys stay suspended."""
@@ -149,6 +215,7 @@ class Operations:
     async def _stop(self) -> None:
         herd = self.herd
         herd.want(herd.desired.but(running=False, suspended=False))
+        herd.kept, herd.canary = None, None  # their workers stop with the rest
         await herd.healer.stop()
         published = len(herd.slots)
         for index in list(herd.slots):

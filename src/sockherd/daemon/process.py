@@ -90,6 +90,7 @@ class Worker:
         self.listeners = listeners if listeners else None
         self.index = index
         self.suspended = suspended  # holds requests until resumed (deploys with migrations, standbys)
+        self.parked = False  # kept for a rollback (takeback.py): out of traffic until resumed
         self._resume_pending = False
         self.generation = generation
         self.spec = spec
@@ -299,6 +300,7 @@ class Worker:
     def resume(self) -> None:
         """Release held requests; a promoted standby also learns its index."""
         self.suspended = False
+        self.parked = False
         if self.state is WorkerState.SUSPENDED:
             self.state = WorkerState.ONLINE
         self._send_resume()
@@ -311,6 +313,14 @@ class Worker:
         self._resume_pending = False
         data = {} if self.index is None else {"index": self.index}
         self.link.send(protocol.message("resume", data))
+
+    def park(self) -> None:
+        """Kept for a rollback, out of traffic: tell it (the library closes its keep-alive
+        connections gracefully and runs the app's on_suspend hooks). A rollback's
+        ``resume`` takes it back into service."""
+        self.parked = True
+        if self.link is not None and self.link.is_open:
+            self.link.send(protocol.message("suspend"))
 
     def report_broken(self, reason: str) -> None:
         self.broken_reason = reason

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--suspended", action="store_true", help="workers hold requests until `sockherd resume` (migrations)"
         )
+        sub.add_argument("--json", action="store_true", help="print the result (and the status) as JSON")
         if name == "restart":
             sub.add_argument(
                 "--upgrade",
@@ -82,9 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="publish the new generation on N slots only; then `promote` or `rollback`",
             )
     command("resume", "release the requests suspended workers hold")
-    command("rollback", "go back to the kept generation (renames only), retire the other")
-    command("commit", "retire the kept generation now: the deploy is final")
-    command("promote", "complete a canary deploy: every slot switches to the new generation")
+    for name, help_ in (
+        ("rollback", "go back to the kept generation (renames only), retire the other"),
+        ("commit", "retire the kept generation now: the deploy is final"),
+        ("promote", "complete a canary deploy: every slot switches to the new generation"),
+    ):
+        command(name, help_).add_argument("--json", action="store_true", help="print the result as JSON")
     for name, help_ in (("set-workers", "scale the published workers"), ("set-standby", "scale the standbys")):
         command(name, help_ + " (until the next reload)").add_argument("count", type=int, metavar="N")
     command("stop", "stop the workers (the daemon keeps running)")
@@ -240,7 +244,7 @@ def _run_client_command(args: argparse.Namespace) -> int:
         if getattr(args, "count", None) is not None:
             data["count"] = args.count
         result = client.call(args.command, data or None, on_progress=_progress)
-        print(_summary(args.command, result))
+        print(json.dumps(result, indent=2) if getattr(args, "json", False) else _summary(args.command, result))
         return 0
 
 

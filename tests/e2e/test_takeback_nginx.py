@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -63,10 +64,11 @@ def test_keep_previous_then_rollback_loses_nothing_and_brings_back_the_same_pids
         assert "kept: generation 1 (2 worker(s), " in daemon.cli("status").stdout
         wait_for(lambda: served(port, 10) == Counter({"2": 10}), 10, "only the new release to answer")
         load.wait_requests(300)
-        result = daemon.cli("rollback")
+        result = daemon.cli("rollback", "--json")
         assert result.returncode == 0, result.stderr
-        moved = re.search(r"moved in ([0-9.]+) ms", result.stdout)
-        assert moved and float(moved.group(1)) < 50, result.stdout
+        answer = json.loads(result.stdout)
+        assert answer["result"]["moved_ms"] < 50, answer["result"]  # command receipt to every symlink moved
+        assert re.search(r"rolled back to generation 1: 2 slot\(s\) moved in [0-9.]+ ms", result.stderr)
         assert daemon.published_pids() == before  # the very workers that served before
         load.wait_requests(300)
     assert load.result.failures == [], load.result.failures[:5]

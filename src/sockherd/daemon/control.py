@@ -341,7 +341,10 @@ class Control:
 
     async def _rollback(self, conn: Connection, msg: Message) -> None:
         assert msg.id is not None
-        await self.answer_deploy(conn, msg.id, msg.type, self.daemon.ops.rollback)
+        received = time.perf_counter()  # the time reported runs from here to the last rename
+        await self.answer_deploy(
+            conn, msg.id, msg.type, lambda progress: self.daemon.ops.rollback(progress, received_at=received)
+        )
 
     async def _commit(self, conn: Connection, msg: Message) -> None:
         assert msg.id is not None

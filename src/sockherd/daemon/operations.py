@@ -92,12 +92,14 @@ class Operations:
         if canary is not None and (keep_previous is not None or suspended):
             raise DeployFailed("--canary keeps the old workers of its slots by itself, and cannot be --suspended")
 
-    async def rollback(self, progress: Progress, *, why: str | None = None) -> dict[str, object]:
+    async def rollback(
+        self, progress: Progress, *, why: str | None = None, received_at: float | None = None
+    ) -> dict[str, object]:
         """Back to the kept generation: renames only, then the other generation retires."""
 
         async def work() -> dict[str, object]:
             try:
-                result = await takeback.rollback(self.herd, progress)
+                result = await takeback.rollback(self.herd, progress, since=received_at)
             except takeback.NothingToTakeBack as exc:
                 raise DeployFailed(str(exc)) from None
             if why is not None:

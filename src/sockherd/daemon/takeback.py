@@ -116,8 +116,12 @@ async def commit(herd: Herd, why: str) -> int:
     return len(workers)
 
 
-async def rollback(herd: Herd, progress: Progress) -> dict[str, object]:
-    """Point every kept slot back at its kept worker (renames only), then retire the other generation."""
+async def rollback(herd: Herd, progress: Progress, *, since: float | None = None) -> dict[str, object]:
+    """Point every kept slot back at its kept worker (renames only), then retire the other generation.
+
+    ``since``: when the command arrived (``time.perf_counter()``); the time reported is
+    from then to the last rename.
+    """
     kept = herd.kept
     if kept is None:
         raise NothingToTakeBack(
@@ -128,7 +132,7 @@ async def rollback(herd: Herd, progress: Progress) -> dict[str, object]:
         raise NothingToTakeBack(f"cannot roll back: {', '.join(dead)} of the kept generation died")
     canary, bad = herd.canary, herd.current
     bad_number = canary.generation.number if canary is not None else (bad.number if bad is not None else None)
-    started = time.perf_counter()
+    started = since if since is not None else time.perf_counter()
     replaced: list[Worker] = []
     for index, worker in sorted(kept.workers.items()):
         if not kept.desired.suspended:

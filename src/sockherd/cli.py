@@ -357,7 +357,9 @@ def format_status(status: dict[str, Any]) -> str:
             w["id"],
             str(w["pid"]),
             "standby" if w["index"] is None else str(w["index"]),
-            w["state"] + (f" ({w['broken_reason']})" if w.get("broken_reason") else ""),
+            w["state"]
+            + (f" ({w['broken_reason']})" if w.get("broken_reason") else "")
+            + (" (kept)" if w.get("kept") else ""),
             str(w["generation"]),
             _age(w["started_at"]),
             str(w["restarts"]),

@@ -79,6 +79,7 @@ class SockherdServer(uvicorn.Server):
         self._hurry = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shedding: asyncio.Task[bool] | None = None
+        self._parked = False  # kept for a rollback: shedding keep-alive connections
 
     def request_exit(self) -> None:
         """Start the graceful shutdown; safe from any thread (the main loop polls the flag).
@@ -106,16 +107,22 @@ class SockherdServer(uvicorn.Server):
     def _shed(self) -> None:
         if self._draining:
             return
+        self._parked = True
         self._respond_with_close()
         if self._shedding is None or self._shedding.done():
             self._shedding = asyncio.ensure_future(self._drain_connections(None))
 
     def _end_shed(self) -> None:
-        """Back in service (a rollback resumed it): keep-alive again."""
+        """Back in service (a rollback resumed it): keep-alive again. Only after a park:
+        the first resume of a worker started suspended has nothing to undo, and may come
+        with a shutdown whose ``Connection: close`` must stay."""
+        if not self._parked:
+            return
+        self._parked = False
         if self._shedding is not None:
             self._shedding.cancel()
             self._shedding = None
-        if not self._draining:
+        if not self._draining and not self.should_exit:
             headers = self.server_state.default_headers
             while CLOSE_HEADER in headers:
                 headers.remove(CLOSE_HEADER)

@@ -63,7 +63,10 @@ def test_a_worker_id_is_an_index_or_s_and_six_hex_digits() -> None:
 
 
 def test_digit_runs_differ_freely() -> None:
-    assert match(["restart done: serving from pid(s) 19362, 19363"], ["restart done: serving from pid(s) 5, 70001"]) is None
+    assert (
+        match(["restart done: serving from pid(s) 19362, 19363"], ["restart done: serving from pid(s) 5, 70001"])
+        is None
+    )
     assert match(["next attempt in 2.4s"], ["next attempt in 12.0s"]) is None
 
 
@@ -166,7 +169,10 @@ def test_blocks_are_parsed_with_lines_markers_and_prompts(tmp_path: Path) -> Non
     assert [(c.text, c.expected) for c in root.commands] == [("install -d /run/myapp", ()), ("ls /run", ("myapp",))]
     assert not usage.has_output and usage.marker is None
     # a block's prompt is its first line's: in a `$` block, `# ` lines are output
-    assert init.commands[0].expected == ("wrote /tmp/doc/myapp/sockherd.toml", "# nginx (e.g. /etc/nginx/conf.d/myapp.conf):")
+    assert init.commands[0].expected == (
+        "wrote /tmp/doc/myapp/sockherd.toml",
+        "# nginx (e.g. /etc/nginx/conf.d/myapp.conf):",
+    )
 
 
 def test_a_block_must_start_with_a_command(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ async def _start_together(
         await asyncio.gather(*(w.stop() for w in started))  # all at once: one ladder's time, not N
         failures = [e for e in _leaves(exc) if isinstance(e, StartError)]
         if failures:
-            raise _failed(f"{failures[0].worker.label} {failures[0].reason}", gen) from None
+            raise _failed(f"{failures[0].worker.label} {failures[0].reason}", gen, failures[0].output) from None
         raise
     started = [t.result() for t in tasks]
     if bad := [w for w in started if not w.alive or w.broken_reason is not None]:
@@ -141,7 +141,7 @@ async def _deploy_rolling(herd: Herd, gen: Generation, target: Desired, attempts
         except StartError as exc:
             if old_gen is not None:
                 await _roll_back(herd, old_gen, done, progress)
-            raise _failed(f"{exc.worker.label} {exc.reason}", gen) from None
+            raise _failed(f"{exc.worker.label} {exc.reason}", gen, exc.output) from None
         previous = herd.slots.get(index)
         herd.publish(index, worker)
         herd.make_current(gen)
@@ -269,11 +269,11 @@ async def scale_standby(herd: Herd, count: int, attempts: int, progress: Progres
         await asyncio.gather(*(w.stop() for w in extra))
 
 
-def _failed(reason: str, gen: Generation) -> DeployFailed:
-    """A failed start, with the worker's last output lines, or where to find them."""
+def _failed(reason: str, gen: Generation, output: list[str] | None = None) -> DeployFailed:
+    """A failed start, with the worker's last output lines (as they were when it failed), or where to find them."""
     if gen.spec.stdout is None and gen.spec.stderr is None:
         reason += " (its output went to the daemon's own stdout/stderr: see the daemon's log or journal)"
-    return DeployFailed(reason, output_tail(gen.spec))
+    return DeployFailed(reason, output if output is not None else output_tail(gen.spec))
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

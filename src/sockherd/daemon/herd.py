@@ -34,6 +34,7 @@ from sockherd import __version__
 from sockherd.config import Config, Timeouts, WorkerSpec
 from sockherd.daemon.coordinator import Coordinator
 from sockherd.daemon.desired import Desired
+from sockherd.daemon.environment import output_tail
 from sockherd.daemon.guard import TmpDir
 from sockherd.daemon.healing import Healer
 from sockherd.daemon.listeners import Listeners
@@ -299,6 +300,7 @@ class Herd:
                 await worker.spawn()
                 await worker.wait_online()
             except StartError as exc:
+                exc.output = output_tail(worker.spec)  # now, before anything else of this deploy is killed
                 last = exc
                 progress(f"{worker.label} failed to start (attempt {attempt}/{attempts}): {exc.reason}")
                 await worker.kill()

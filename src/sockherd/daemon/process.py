@@ -50,6 +50,9 @@ class StartError(Exception):
         super().__init__(reason)
         self.worker = worker
         self.reason = reason
+        # The worker's log tail, read when it failed: read later, after its siblings of
+        # the same deploy were killed, the shared file could end with their output.
+        self.output: list[str] | None = None
 
 
 class FrameSink(Protocol):

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="publish the new generation on N slots only; then `promote` or `rollback`",
             )
+    command("health", "exit 0 only when every slot is served by an online worker (readiness probes)")
     command("resume", "release the requests suspended workers hold")
     for name, help_ in (
         ("rollback", "go back to the kept generation (renames only), retire the other"),
@@ -228,6 +229,10 @@ def _run_client_command(args: argparse.Namespace) -> int:
         if args.command == "config":
             print(json.dumps(client.call("config"), indent=2))
             return 0
+        if args.command == "health":
+            problems = health_problems(client.call("status"))
+            print("healthy" if not problems else "unhealthy: " + "; ".join(problems))
+            return EXIT_FAILED if problems else 0
         if args.command in ("send-msg", "send-req"):
             return cli_messaging.run(client, args)
         data: dict[str, Any] = {}
@@ -327,6 +332,26 @@ def _duration(text: str) -> float:
     if not 0 < seconds <= 86400:
         raise argparse.ArgumentTypeError(f"{text!r}: a duration from 1 second to 24 hours")
     return seconds
+
+
+def health_problems(status: dict[str, Any]) -> list[str]:
+    """Why the app is not fully serving, or nothing: what a readiness probe needs."""
+    d = status["daemon"]
+    problems = []
+    if d["state"] != "running":
+        problems.append(f"the daemon is {d['state']}")
+    if d.get("operation") in ("start", "restart", "reload", "promote", "rollback"):
+        problems.append(f"a {d['operation']} is in progress")
+    serving = {w["index"]: w for w in status["workers"] if w.get("published")}
+    for index in range(d["workers"]):
+        worker = serving.get(index)
+        if worker is None:
+            problems.append(f"slot {index} is not published")
+        elif worker["state"] not in ("online", "broken"):
+            problems.append(f"slot {index}'s worker is {worker['state']}")
+        elif worker["generation"] != d["generation"] and not d.get("canary"):
+            problems.append(f"slot {index} serves generation {worker['generation']}, not {d['generation']}")
+    return problems
 
 
 def _age(since: float | None) -> str:

@@ -18,6 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psutil
+
 from sockherd import __version__
 from sockherd.config import Config, ConfigError
 from sockherd.daemon import succession
@@ -402,6 +404,7 @@ class Daemon:
                 "dev_server": self.dev_server.port if self.dev_server else None,
                 "dumpable": is_dumpable(),
                 "listeners": [item.address for item in herd.listeners.items],
+                "rss": psutil.Process().memory_info().rss,
                 "kept": herd.kept.as_dict() if herd.kept is not None else None,
                 "canary": herd.canary.as_dict() if herd.canary is not None else None,
                 "rolled_back": herd.rolled_back,

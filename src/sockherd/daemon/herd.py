@@ -38,10 +38,12 @@ from sockherd.daemon.environment import output_tail
 from sockherd.daemon.guard import TmpDir
 from sockherd.daemon.healing import Healer
 from sockherd.daemon.listeners import Listeners
+from sockherd.daemon.metrics import Sampler, listener_queue, queues_by_path_and_inode
 from sockherd.daemon.process import Generation, StartError, Worker, WorkerState
 from sockherd.daemon.processes import ProcessLayer
 from sockherd.daemon.publish import publish_symlink, unpublish_symlink
 from sockherd.daemon.reaper import process_start_time
+from sockherd.daemon.sockdiag import linger
 from sockherd.daemon.state_file import FORMAT, StateFile, spec_to_dict
 from sockherd.daemon.takeback import Canary, Kept
 
@@ -75,6 +77,7 @@ class Herd:
         self._own_start_time = process_start_time(os.getpid())
         self._state = StateFile(state_path, self.snapshot) if state_path is not None else None
         self.tmp_dir: TmpDir | None = None  # held by the daemon once checked (guard.py)
+        self.sampler = Sampler()  # CPU between two status requests
         # Shared listeners (``listen``), opened by the daemon for its whole life; empty:
         # every worker binds its own socket and slots are published as symlinks.
         self.listeners = Listeners()
@@ -146,6 +149,9 @@ class Herd:
 
     def status(self) -> list[dict[str, Any]]:
         published = {w.id: i for i, w in self.slots.items()}
+        by_path, by_inode = queues_by_path_and_inode()
+        shared = listener_queue(self.listeners.items[0].sock, by_inode) if self.listeners else None
+        now = time.time()
         rows = []
         for w in sorted(
             self.workers.values(), key=lambda w: (w.generation, w.index if w.index is not None else 1 << 30)
@@ -156,7 +162,14 @@ class Herd:
             row["symlink"] = str(self.config.symlink_path(index)) if shown and index is not None else None
             row["published"] = index is not None
             row["kept"] = self.kept is not None and w in self.kept.workers.values()
+            row["rss"], row["cpu"] = self.sampler.usage(w.pid)
+            row["uptime"] = round(now - w.started_at, 3)
+            own = by_path.get(str(w.socket_path)) if not self.listeners else None
+            queue = (own.queued, own.backlog) if own is not None else shared
+            row["queued"], row["backlog"] = queue if queue is not None else (None, None)
+            row["warning"] = w.warning
             rows.append(row)
+        self.sampler.forget_unseen()
         return rows
 
     def snapshot(self) -> dict[str, Any]:
@@ -397,14 +410,17 @@ class Herd:
 
         nginx may have connected to the old socket just before the rename; those
         connections sit in the old worker's backlog, and the linger lets it accept them
-        before its shutdown begins. With shared listeners there is no backlog of its
-        own to empty: the queue belongs to every worker, and the stop begins at once.
+        before its shutdown begins. It ends as soon as those queues have stayed empty
+        for a moment (sockdiag.linger), ``linger`` being the most it waits. With shared
+        listeners there is no backlog of its own to empty: the queue belongs to every
+        worker, and the stop begins at once.
         """
         workers = [w for w in workers if w.alive]
         if not workers:
             return
         if not self.listeners:
-            await asyncio.sleep(self.config.timeouts.linger)
+            waited = await linger([str(w.socket_path) for w in workers], self.config.timeouts.linger)
+            log.debug("lingered %.3fs before stopping %d worker(s)", waited, len(workers))
         await asyncio.gather(*(w.stop() for w in workers))
 
     async def stop_all(self) -> None:

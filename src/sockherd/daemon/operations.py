@@ -9,7 +9,6 @@ in charge.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from sockherd.daemon.deploy import deploy, deploy_canary, promote, scale_standby
 from sockherd.daemon.desired import Desired
 from sockherd.daemon.herd import DeployFailed, Herd, Progress
 from sockherd.daemon.reload import ReloadPlan, plan_reload
+from sockherd.daemon.sockdiag import linger
 
 log = logging.getLogger("sockherd")
 
@@ -225,7 +225,8 @@ class Operations:
         herd.make_current(None)
         if published:
             log.info("unpublished %d slot(s); stopping %d worker(s)", published, len(herd.workers))
-            await asyncio.sleep(herd.config.timeouts.linger)
+            if not herd.listeners:
+                await linger([str(w.socket_path) for w in herd.workers.values()], herd.config.timeouts.linger)
         await herd.stop_all()
 
     async def kill_all(self) -> None:

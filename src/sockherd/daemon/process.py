@@ -26,7 +26,9 @@ from sockherd import protocol
 from sockherd.config import Config, Timeouts, WorkerSpec, render_command
 from sockherd.daemon.environment import worker_environment
 from sockherd.daemon.listeners import Listeners
+from sockherd.daemon.metrics import backlog_problem
 from sockherd.daemon.processes import EXIT_UNKNOWN, Launch, LaunchFailed, ProcessHandle, ProcessLayer
+from sockherd.daemon.sockdiag import unix_listen_queues
 
 log = logging.getLogger("sockherd")
 
@@ -94,6 +96,7 @@ class Worker:
         self.index = index
         self.suspended = suspended  # holds requests until resumed (deploys with migrations, standbys)
         self.parked = False  # kept for a rollback (takeback.py): out of traffic until resumed
+        self.warning: str | None = None  # something about it that will cost requests (a tiny backlog)
         self._resume_pending = False
         self.generation = generation
         self.spec = spec
@@ -237,6 +240,7 @@ class Worker:
             raise StartError(self, f"cannot connect to its socket {self.socket_path}: {exc.strerror or exc}") from None
         if self.listeners is None:
             await self._prepare_socket_for_nginx()
+            self._check_backlog()
         if self.broken_reason is not None:
             await self.kill()
             raise StartError(self, f"reported itself broken before it was published: {self.broken_reason}")
@@ -246,6 +250,15 @@ class Worker:
             self._online.set_result(None)
         self._on_change()
         log.info("%s online after %.3fs", self.label, self.online_at - self.started_at)
+
+    def _check_backlog(self) -> None:
+        """A server that listens with a tiny backlog (socketserver's 5) serves fine until a
+        burst: then nginx's connects fail at once. Said when it is published, and in status."""
+        queues = unix_listen_queues()
+        found = next((q for q in queues or [] if q.path == str(self.socket_path)), None)
+        if found is not None and (problem := backlog_problem(self.label, found.backlog, self.spec.backlog)):
+            self.warning = problem
+            log.warning("%s", problem)
 
     async def _prepare_socket_for_nginx(self) -> None:
         try:  # whatever mode and group the server chose (gunicorn sets its own)

@@ -88,7 +88,8 @@ async def main() -> None:
         print("tinyapp: crashing at start-up on purpose", file=sys.stderr, flush=True)
         sys.exit(1)
     state = {"draining": False}
-    server = await asyncio.start_unix_server(lambda r, w: handle(r, w, state), args.socket)
+    backlog = int(os.environ.get("SOCKHERD_BACKLOG", "100"))  # the daemon's, as a well-behaved server takes it
+    server = await asyncio.start_unix_server(lambda r, w: handle(r, w, state), args.socket, backlog=backlog)
     if args.own_socket:  # what gunicorn does: its socket, its owner and group, whatever the directory says
         os.chown(args.socket, os.getuid(), os.getgid())
         os.chmod(args.socket, 0o600)

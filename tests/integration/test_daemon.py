@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DaemonFactory
 from sockherd.client import Client, CommandFailed
-from support.daemon import tinyapp_command, wait_for
+from support.daemon import RunningDaemon, tinyapp_command, wait_for, without_metrics
 from support.http import unix_get
 
 
@@ -259,22 +259,44 @@ def test_sigterm_quits_gracefully_and_cleans_tmp_dir(start_daemon: DaemonFactory
     assert sorted(os.listdir(daemon.tmp_dir)) == []
 
 
-def test_linger_separates_the_swap_from_the_old_workers_shutdown(start_daemon: DaemonFactory) -> None:
-    daemon = start_daemon({"command": tinyapp_command(), "linger": 0.6})
-    old_pid = daemon.wait_ready(1)["workers"][0]["pid"]
-    mark = daemon.mark()
+def _swap_to_stop(daemon: RunningDaemon, mark: int, old_pid: int) -> float:
+    """Seconds from the symlink's move to the old worker's stop, from the daemon's log."""
     swapped: list[float] = []
-    terminated: list[float] = []
-    result = daemon.cli("restart")
-    assert result.returncode == 0
+    stopped: list[float] = []
     for line in daemon.lines[mark:]:
         stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
         if "published worker #0" in line:
             swapped.append(stamp)
         if f"pid {old_pid}) stopping: sent" in line:
-            terminated.append(stamp)
-    assert swapped and terminated
-    assert terminated[0] - swapped[0] >= 0.55
+            stopped.append(stamp)
+    assert swapped and stopped
+    return stopped[0] - swapped[0]
+
+
+def test_the_linger_lasts_while_the_old_socket_has_connections_waiting(start_daemon: DaemonFactory) -> None:
+    """After the swap, the old worker's stop waits until its listen queue has been empty
+    for a moment, `linger` at most: with nothing queued it does not wait the whole linger;
+    with a connection waiting (the worker frozen, so it cannot accept) it waits it all."""
+    daemon = start_daemon({"command": tinyapp_command(), "linger": 3.0})
+    old_pid = daemon.wait_ready(1)["workers"][0]["pid"]
+    mark = daemon.mark()
+    assert daemon.cli("restart").returncode == 0
+    assert _swap_to_stop(daemon, mark, old_pid) < 1.5  # nothing queued: no 3 s wait
+
+    old = daemon.status()["workers"][0]
+    os.kill(old["pid"], signal.SIGSTOP)
+    waiting = socket.socket(socket.AF_UNIX)
+    try:
+        waiting.connect(old["socket"])  # queued: the frozen worker cannot accept it
+        mark = daemon.mark()
+        restart = daemon.cli_background("restart")
+        daemon.wait_log(rf"pid {old['pid']}\) stopping: sent", start=mark)
+        assert _swap_to_stop(daemon, mark, old["pid"]) >= 2.9
+    finally:
+        os.kill(old["pid"], signal.SIGCONT)
+        waiting.close()
+    restart.communicate(timeout=30)
+    assert restart.returncode == 0
 
 
 def test_concurrent_deploys_get_busy_and_stop_preempts_a_restart(start_daemon: DaemonFactory) -> None:
@@ -333,7 +355,7 @@ def test_garbage_and_oversized_frames_close_only_that_connection(start_daemon: D
         assert _closed(sock)
     with pytest.raises(CommandFailed, match="unknown request type 'format-disk'"):
         bystander.call("format-disk", {"really": True})
-    assert bystander.call("status")["workers"] == before["workers"]
+    assert without_metrics(bystander.call("status")["workers"]) == without_metrics(before["workers"])
     bystander.close()
     assert daemon.proc.poll() is None
 

@@ -561,12 +561,23 @@ def concepts_broken_worker(block: Block, ctx: Context) -> Ran:
     hello = ctx.hello()
     (hello.app / "pool.py").write_text(POOL)
     command = ["python", "-m", "sockherd.uvicorn", "--log-level", "warning", "pool:app"]
-    daemon = hello.start(command=command, linger=2)  # the status below is taken during the linger
-    daemon.wait_ready(2)
+    daemon = hello.start(command=command, linger=5)  # the status below is taken during the linger
+    status = daemon.wait_ready(2)
+    broken = next(w for w in status["workers"] if w["index"] == 0)
     mark = daemon.mark()
     unix_get(str(hello.tmp_dir / "app.0.sock"), "/wedge")
-    daemon.wait_log(r"published worker #0 .* as app\.0\.sock", start=mark)
-    return hello.run(block)
+    daemon.wait_log(r"reports itself broken", start=mark)
+    # The linger lasts while the old socket's queue is not empty: freeze the broken worker
+    # and leave one connection waiting in its queue, as nginx's last connect would.
+    os.kill(broken["pid"], signal.SIGSTOP)
+    waiting = socket.socket(socket.AF_UNIX)
+    try:
+        waiting.connect(broken["socket"])
+        daemon.wait_log(r"published worker #0 .* as app\.0\.sock", start=mark)
+        return hello.run(block)
+    finally:
+        os.kill(broken["pid"], signal.SIGCONT)
+        waiting.close()
 
 
 @scenario("concepts.md", "scaling")

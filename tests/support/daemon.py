@@ -57,6 +57,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+METRICS = ("rss", "cpu", "uptime", "queued")  # status fields that change from one call to the next
+
+
+def without_metrics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Status rows without their live figures, to compare the herd's state between two calls."""
+    return [{k: v for k, v in row.items() if k not in METRICS} for row in rows]
+
+
 def short_tmp_dir() -> Path:
     # pytest's tmp_path is too long for sun_path (108 bytes) once socket names are added.
     return Path(tempfile.mkdtemp(prefix="sh-", dir="/tmp"))

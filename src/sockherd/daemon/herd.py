@@ -49,6 +49,8 @@ from sockherd.daemon.takeback import Canary, Kept
 
 log = logging.getLogger("sockherd")
 
+METRICS_TTL = 0.5  # seconds a status reuses the figures it read
+
 Progress = Callable[[str], None]
 
 
@@ -78,6 +80,8 @@ class Herd:
         self._state = StateFile(state_path, self.snapshot) if state_path is not None else None
         self.tmp_dir: TmpDir | None = None  # held by the daemon once checked (guard.py)
         self.sampler = Sampler()  # CPU between two status requests
+        self._figures_cache: dict[str, dict[str, Any]] = {}
+        self._figures_at = -METRICS_TTL
         # Shared listeners (``listen``), opened by the daemon for its whole life; empty:
         # every worker binds its own socket and slots are published as symlinks.
         self.listeners = Listeners()
@@ -149,9 +153,7 @@ class Herd:
 
     def status(self) -> list[dict[str, Any]]:
         published = {w.id: i for i, w in self.slots.items()}
-        by_path, by_inode = queues_by_path_and_inode()
-        shared = listener_queue(self.listeners.items[0].sock, by_inode) if self.listeners else None
-        now = time.time()
+        figures = self._figures()
         rows = []
         for w in sorted(
             self.workers.values(), key=lambda w: (w.generation, w.index if w.index is not None else 1 << 30)
@@ -162,15 +164,31 @@ class Herd:
             row["symlink"] = str(self.config.symlink_path(index)) if shown and index is not None else None
             row["published"] = index is not None
             row["kept"] = self.kept is not None and w in self.kept.workers.values()
-            row["rss"], row["cpu"] = self.sampler.usage(w.pid)
-            row["uptime"] = round(now - w.started_at, 3)
-            own = by_path.get(str(w.socket_path)) if not self.listeners else None
-            queue = (own.queued, own.backlog) if own is not None else shared
-            row["queued"], row["backlog"] = queue if queue is not None else (None, None)
+            row.update(figures.get(w.id) or {"rss": 0, "cpu": 0.0, "queued": None, "backlog": None})
+            row["uptime"] = round(time.time() - w.started_at, 3)
             row["warning"] = w.warning
             rows.append(row)
-        self.sampler.forget_unseen()
         return rows
+
+    def _figures(self) -> dict[str, dict[str, Any]]:
+        """Each worker's rss, cpu and listen queue, read at most every METRICS_TTL seconds:
+        status is answered to anyone on the IPC socket, and a flood of requests must not
+        become a flood of /proc reads and netlink dumps."""
+        now = time.monotonic()
+        if now - self._figures_at < METRICS_TTL and self._figures_cache.keys() >= self.workers.keys():
+            return self._figures_cache
+        by_path, by_inode = queues_by_path_and_inode()
+        shared = listener_queue(self.listeners.items[0].sock, by_inode) if self.listeners else None
+        figures: dict[str, dict[str, Any]] = {}
+        for w in self.workers.values():
+            rss, cpu = self.sampler.usage(w.pid)
+            own = by_path.get(str(w.socket_path)) if not self.listeners else None
+            queue = (own.queued, own.backlog) if own is not None else shared
+            queued, backlog = queue if queue is not None else (None, None)
+            figures[w.id] = {"rss": rss, "cpu": cpu, "queued": queued, "backlog": backlog}
+        self.sampler.forget_unseen()
+        self._figures_cache, self._figures_at = figures, now
+        return figures
 
     def snapshot(self) -> dict[str, Any]:
         """What the state file holds: enough to tell, later, what this daemon managed."""

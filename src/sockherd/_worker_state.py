@@ -170,12 +170,23 @@ class ResumeState:
 
     def resume(self, index: int | None = None) -> bool:
         """Record the daemon's ``resume``; True if it ended the suspension (hooks ran)."""
+        release = self.resume_deferred(index)
+        if release is None:
+            return False
+        release()
+        return True
+
+    def resume_deferred(self, index: int | None = None) -> Callable[[], None] | None:
+        """:meth:`resume`, but the held waiters are released only when the caller calls the
+        returned function (None: the suspension had already ended). A shutdown while
+        suspended uses it: the server hears of the shutdown (``Connection: close``) before
+        any held request can be answered."""
         with self._lock:
             if index is not None:
                 self._index = index
             if self._resumed.is_set():
                 if not self._parked:
-                    return False
+                    return None
                 self._parked = False  # back from a park: the on_resume hooks start their work again
                 hooks = list(self._all_hooks)
                 waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
@@ -183,12 +194,15 @@ class ResumeState:
                 self._resumed.set()
                 waiters, self._waiters = self._waiters, {}
                 hooks, self._hooks = self._hooks, []
-        for future, waiter_loop in waiters.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there any more
-                waiter_loop.call_soon_threadsafe(_release, future)
         for hook, hook_loop in hooks:
             run_resume_hook(hook, hook_loop)
-        return True
+
+        def release() -> None:
+            for future, waiter_loop in waiters.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there any more
+                    waiter_loop.call_soon_threadsafe(_release, future)
+
+        return release
 
     def park(self) -> bool:
         """The daemon keeps this worker out of traffic (for a rollback); False if it already was."""

@@ -96,13 +96,14 @@ class SockherdServer(uvicorn.Server):
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
                 self._loop.call_soon_threadsafe(self._respond_with_close)
 
-    def request_shed(self) -> None:
+    def on_park(self, parked: bool) -> None:
         """The daemon keeps this worker for a rollback (``suspend``): close its keep-alive
         connections gracefully (``Connection: close`` on every response, idle ones after
-        a grace), so that nginx stops reusing them. Safe from any thread."""
+        a grace), so that nginx stops reusing them; a rollback takes it back (keep-alive
+        again). Safe from any thread."""
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._shed)
+                self._loop.call_soon_threadsafe(self._shed if parked else self._end_shed)
 
     def _shed(self) -> None:
         if self._draining:
@@ -113,9 +114,8 @@ class SockherdServer(uvicorn.Server):
             self._shedding = asyncio.ensure_future(self._drain_connections(None))
 
     def _end_shed(self) -> None:
-        """Back in service (a rollback resumed it): keep-alive again. Only after a park:
-        the first resume of a worker started suspended has nothing to undo, and may come
-        with a shutdown whose ``Connection: close`` must stay."""
+        """Back in service (a rollback resumed it): keep-alive again. Only after a park,
+        and never once the server is shutting down (its ``Connection: close`` stays)."""
         if not self._parked:
             return
         self._parked = False
@@ -129,7 +129,6 @@ class SockherdServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        worker.on_resume(self._end_shed)  # runs now (not suspended) and after every park
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             where = ", ".join(worker.listener_names()) if self.shared else worker.socket_path
@@ -273,7 +272,7 @@ def run(app: str | ASGIApp, **kwargs: Any) -> None:
     server = SockherdServer(uvicorn.Config(app, **kwargs), shared=bool(shared))
     sockets = shared or [worker.bind_socket()]
     worker.set_shutdown_handler(server.request_exit)
-    worker.set_suspend_handler(server.request_shed)
+    worker.set_suspend_handler(server.on_park)
     try:
         server.run(sockets=sockets)
     finally:

@@ -116,7 +116,7 @@ class _Worker:
         self._lock = threading.Lock()
         self._hooks: list[Callable[[], object]] = []
         self._shutdown_handler: Callable[[], None] | None = None
-        self._suspend_handler: Callable[[], None] | None = None
+        self._suspend_handler: Callable[[bool], None] | None = None
         self._suspend_hooks: list[tuple[Callable[[], object], asyncio.AbstractEventLoop | None]] = []
         self._shutdown_requested = False
         self._ready_notified = False
@@ -169,9 +169,12 @@ class _Worker:
                 return
             self._shutdown_requested = True
             handler = self._shutdown_handler or _default_shutdown_handler
-        if self.resume_state.resume():
+        release = self.resume_state.resume_deferred()
+        if release is not None:
             log.info("sockherd: shutdown while suspended: resumed first, so that held requests are served")
         handler()
+        if release is not None:
+            release()  # after the handler: the server knows it is shutting down before it answers them
 
     def handle_suspend_message(self) -> None:
         """Called by the IPC thread on ``suspend``: the daemon keeps this worker for a
@@ -185,7 +188,7 @@ class _Worker:
             handler, hooks = self._suspend_handler, list(self._suspend_hooks)
         if handler is not None:
             try:
-                handler()
+                handler(True)
             except Exception:
                 log.exception("sockherd: the suspend handler failed")
         for hook, loop in hooks:
@@ -193,8 +196,17 @@ class _Worker:
 
     def handle_resume_message(self, index: int | None) -> None:
         """Called by the IPC thread on ``resume``; ``index`` is set when a standby is promoted."""
+        was_parked = self.resume_state.parked
         if self.resume_state.resume(index):
             log.info("sockherd: resumed (index %s)", self.resume_state.index)
+        if was_parked:
+            with self._lock:
+                handler = self._suspend_handler
+            if handler is not None:
+                try:
+                    handler(False)  # back in service (a rollback)
+                except Exception:
+                    log.exception("sockherd: the suspend handler failed")
 
     def set_shutdown_handler(self, fn: Callable[[], None] | None) -> None:
         with self._lock:
@@ -377,9 +389,11 @@ def on_suspend(fn: HookT) -> HookT:
     return fn
 
 
-def set_suspend_handler(fn: Callable[[], None] | None) -> None:
-    """What a ``suspend`` does to the server (the uvicorn runner closes its keep-alive
-    connections gracefully). Runs on the library's thread: trigger, do not perform."""
+def set_suspend_handler(fn: Callable[[bool], None] | None) -> None:
+    """What a ``suspend`` does to the server: ``fn(True)`` when the daemon keeps this worker
+    out of traffic (the uvicorn runner closes its keep-alive connections gracefully),
+    ``fn(False)`` when a rollback's ``resume`` takes it back. Runs on the library's
+    thread: trigger, do not perform."""
     with _worker._lock:
         _worker._suspend_handler = fn
 

@@ -534,7 +534,7 @@ def test_a_park_pauses_with_on_suspend_and_the_next_resume_runs_on_resume_again(
         from sockherd import worker
         worker.on_resume(lambda: say("start background work"))
         worker.on_suspend(lambda: say("pause background work", worker.suspended))
-        worker.set_suspend_handler(lambda: say("shed keep-alive connections"))
+        worker.set_suspend_handler(lambda parked: say("shed keep-alive connections" if parked else "keep-alive again"))
         worker.report_online()
         sys.stdin.readline()
         """,
@@ -545,6 +545,6 @@ def test_a_park_pauses_with_on_suspend_and_the_next_resume_runs_on_resume_again(
     fake_daemon.send(b'{"type":"suspend"}\n')
     assert {script.line(), script.line()} == {"shed keep-alive connections", "pause background work False"}
     fake_daemon.resume({"index": 0})
-    assert script.line() == "start background work"
+    assert {script.line(), script.line()} == {"start background work", "keep-alive again"}
     script.go_on()
     script.finish()

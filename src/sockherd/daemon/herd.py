@@ -241,6 +241,7 @@ class Herd:
         return specs
 
     def changed(self) -> None:
+        self._figures_at = -METRICS_TTL  # the herd changed: the next status reads afresh
         if self._state is not None:
             self._state.changed()
 

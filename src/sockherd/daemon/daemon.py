@@ -405,7 +405,7 @@ class Daemon:
                 "dumpable": is_dumpable(),
                 "listeners": [item.address for item in herd.listeners.items],
                 "rss": psutil.Process().memory_info().rss,
-                "kept": herd.kept.as_dict() if herd.kept is not None else None,
+                "kept": herd.kept.as_dict(herd.rss_of) if herd.kept is not None else None,
                 "canary": herd.canary.as_dict() if herd.canary is not None else None,
                 "rolled_back": herd.rolled_back,
             },

@@ -170,6 +170,10 @@ class Herd:
             rows.append(row)
         return rows
 
+    def rss_of(self, worker: Worker) -> int:
+        """A worker's memory as the last status read it (cached like the other figures)."""
+        return int((self._figures().get(worker.id) or {}).get("rss", 0))
+
     def _figures(self) -> dict[str, dict[str, Any]]:
         """Each worker's rss, cpu and listen queue, read at most every METRICS_TTL seconds:
         status is answered to anyone on the IPC socket, and a flood of requests must not

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,7 +52,7 @@ class Kept:
     until: float | None  # time.time() when it is retired; None: until promote/rollback
     since: float = field(default_factory=time.time)
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self, rss: Callable[[Worker], int]) -> dict[str, object]:
         alive = [w for w in self.workers.values() if w.alive]
         return {
             "generation": self.generation.number,
@@ -60,7 +61,7 @@ class Kept:
             "pids": [w.pid for w in alive],
             "since": self.since,
             "until": self.until,
-            "rss": sum(w.rss() for w in alive),
+            "rss": sum(rss(w) for w in alive),
         }
 
 

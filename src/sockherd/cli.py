@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", "show the daemon and its workers")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=float,
+        metavar="SECONDS",
+        help="redraw the table with memory, CPU and listen queues every SECONDS (default 2) until Ctrl-C",
+    )
     command("config", "print the running daemon's configuration (JSON)")
     for name, help_ in (("start", "start the workers"), ("restart", "start a new generation, then retire the old")):
         sub = command(name, help_)
@@ -222,6 +230,10 @@ def _run_client_command(args: argparse.Namespace) -> int:
     else:
         client = Client(ipc)
     with client:
+        if args.command == "status" and args.watch is not None:
+            from sockherd.cli_watch import watch
+
+            return watch(client, max(args.watch, 0.1), lambda status: format_status(status).splitlines()[0])
         if args.command == "status":
             status = client.call("status")
             print(json.dumps(status, indent=2) if args.json else format_status(status))

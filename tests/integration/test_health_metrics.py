@@ -81,3 +81,46 @@ def test_as_pid_1_the_daemon_reaps_orphaned_grandchildren(tmp_path: Path, tmp_di
         if init_pid is not None:
             psutil.Process(init_pid).terminate()  # the daemon, as the namespace's init
         unshare.communicate(timeout=30)
+
+
+def test_status_watch_redraws_in_place_on_a_terminal_and_quits_cleanly(start_daemon: DaemonFactory) -> None:
+    import os
+    import pty
+    import re
+
+    daemon = start_daemon({"command": tinyapp_command(), "workers": 2})
+    daemon.wait_ready(2)
+    argv = [sys.executable, "-m", "sockherd", "status", "--watch", "0.2", "-c", str(daemon.config_path)]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI on a pseudo-terminal, as in a user's terminal
+        os.execv(sys.executable, argv)
+    screen = b""
+    try:
+        while screen.count(b"\x1b[H") < 3:  # three rounds drawn
+            screen += os.read(fd, 65536)
+        os.write(fd, b"\x03")  # Ctrl-C, through the terminal's line discipline: SIGINT
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    rounds = screen.split(b"\x1b[H")[1:]
+    last = rounds[-2].decode()  # a complete round
+    assert "ID" in last and "RSS" in last and "CPU" in last and "QUEUE" in last
+    assert len(re.findall(r"\d+\.\dMiB", last)) == 3  # the daemon's and each worker's memory, in human units
+    assert "\x1b[32m" in last  # online, in colour on a terminal
+    assert last.rstrip().endswith("\x1b[J")  # what the previous round left below is cleared
+
+
+def test_status_watch_without_a_terminal_prints_plain_tables(start_daemon: DaemonFactory) -> None:
+    daemon = start_daemon({"command": tinyapp_command(), "workers": 1})
+    daemon.wait_ready(1)
+    watching = daemon.cli_background("status", "--watch", "0.1")
+    try:
+        assert watching.stdout is not None
+        lines = [watching.stdout.readline() for _ in range(8)]
+    finally:
+        watching.terminate()
+        watching.communicate(timeout=10)
+    text = "".join(lines)
+    assert "\x1b" not in text  # no escapes into a pipe
+    assert text.count("ID  ") >= 2

@@ -31,9 +31,7 @@ async def deploy(
     herd.check_tmp_dir()
     if herd.canary is not None:
         raise DeployFailed("a canary deploy is in progress: `sockherd promote` or `sockherd rollback` first")
-    if herd.kept is not None:
-        progress(f"retiring the kept generation {herd.kept.generation.number} first (a new deploy replaces it)")
-        await takeback.commit(herd, "a new deploy")
+    await _retire_kept_first(herd, progress)
     before = herd.desired
     gen = herd.begin_generation(target)
     try:
@@ -178,9 +176,7 @@ async def deploy_canary(herd: Herd, target: Desired, count: int, attempts: int, 
         takeback.check_canary(herd, count, target)
     except takeback.NothingToTakeBack as exc:
         raise DeployFailed(str(exc)) from None
-    if herd.kept is not None:
-        progress(f"retiring the kept generation {herd.kept.generation.number} first (a new deploy replaces it)")
-        await takeback.commit(herd, "a new deploy")
+    await _retire_kept_first(herd, progress)
     before = herd.desired
     gen = herd.begin_generation(target)
     try:
@@ -224,6 +220,13 @@ async def promote(herd: Herd, attempts: int, progress: Progress) -> None:
     herd.flush_state()
     progress(f"generation {gen.number} serves every slot; stopping the old generation")
     await takeback.retire_after_promote(herd, canary, started)
+
+
+async def _retire_kept_first(herd: Herd, progress: Progress) -> None:
+    """A new deploy replaces a kept generation: retire it before anything starts."""
+    if herd.kept is not None:
+        progress(f"retiring the kept generation {herd.kept.generation.number} first (a new deploy replaces it)")
+        await takeback.commit(herd, "a new deploy")
 
 
 def _slots(indexes: list[int]) -> str:

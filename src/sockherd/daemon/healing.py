@@ -24,6 +24,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -191,18 +192,7 @@ class Healer:
     async def _expire(self, kept: takeback.Kept) -> None:
         assert kept.until is not None
         await asyncio.sleep(max(0.0, kept.until - time.time()))
-        herd = self.herd
-        while herd.kept is kept:
-            try:
-                await herd.coordinator.run("commit", lambda: self._retire_expired(kept), kind="yielding")
-                return
-            except ShuttingDown:
-                return
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                # A command preempted it: once it is done, the kept generation may be gone.
+        await self._yielding("commit", lambda: self._retire_expired(kept), lambda: self.herd.kept is kept)
 
     async def _retire_expired(self, kept: takeback.Kept) -> None:
         if self.herd.kept is kept:
@@ -366,9 +356,14 @@ class Healer:
 
     async def _replace_live_when_idle(self, worker: Worker, why: str) -> None:
         """Replace ``worker`` as a yielding operation, again after any command preempts it."""
-        while self._still_serving(worker):
+        await self._yielding("replace", lambda: self._replace_live(worker, why), lambda: self._still_serving(worker))
+
+    async def _yielding(self, name: str, work: Callable[[], Awaitable[None]], still_wanted: Callable[[], bool]) -> None:
+        """Run ``work`` as a yielding operation while ``still_wanted()``: a command that
+        preempts it (cancelling what it started) is let through, then it tries again."""
+        while still_wanted():
             try:
-                await self.herd.coordinator.run("replace", lambda: self._replace_live(worker, why), kind="yielding")
+                await self.herd.coordinator.run(name, work, kind="yielding")
                 return
             except ShuttingDown:
                 return
@@ -376,7 +371,6 @@ class Healer:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise
-                # A command preempted the replacement (its successor was killed): try again.
 
     async def _replace_live(self, worker: Worker, why: str) -> None:
         herd = self.herd

@@ -441,10 +441,15 @@ class Herd:
         workers = [w for w in workers if w.alive]
         if not workers:
             return
-        if not self.listeners:
+        await self.linger(workers)
+        await asyncio.gather(*(w.stop() for w in workers))
+
+    async def linger(self, workers: list[Worker]) -> None:
+        """Between unpublishing ``workers`` and stopping them: until their sockets' queues
+        stay empty, ``linger`` at most (sockdiag.linger). Nothing with shared listeners."""
+        if not self.listeners and workers:
             waited = await linger([str(w.socket_path) for w in workers], self.config.timeouts.linger)
             log.debug("lingered %.3fs before stopping %d worker(s)", waited, len(workers))
-        await asyncio.gather(*(w.stop() for w in workers))
 
     async def stop_all(self) -> None:
         """Every worker's staged shutdown, all at once; returns when all are reaped."""

@@ -19,7 +19,6 @@ from sockherd.daemon.deploy import deploy, deploy_canary, promote, scale_standby
 from sockherd.daemon.desired import Desired
 from sockherd.daemon.herd import DeployFailed, Herd, Progress
 from sockherd.daemon.reload import ReloadPlan, plan_reload
-from sockherd.daemon.sockdiag import linger
 
 log = logging.getLogger("sockherd")
 
@@ -225,8 +224,7 @@ class Operations:
         herd.make_current(None)
         if published:
             log.info("unpublished %d slot(s); stopping %d worker(s)", published, len(herd.workers))
-            if not herd.listeners:
-                await linger([str(w.socket_path) for w in herd.workers.values()], herd.config.timeouts.linger)
+            await herd.linger(list(herd.workers.values()))
         await herd.stop_all()
 
     async def kill_all(self) -> None:

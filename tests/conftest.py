@@ -23,8 +23,10 @@ def start_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
     """``start_daemon({"command": [...], "workers": 2}, "--dev-server=0")`` → RunningDaemon."""
     with contextlib.ExitStack() as stack:
 
-        def start(settings: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> RunningDaemon:
-            return stack.enter_context(running_daemon(tmp_path, settings, *args, env=env))
+        def start(
+            settings: dict[str, Any], *args: str, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+        ) -> RunningDaemon:
+            return stack.enter_context(running_daemon(tmp_path, settings, *args, env=env, pass_fds=pass_fds))
 
         yield start
 

@@ -58,7 +58,12 @@ def listener_inode(daemon: Any) -> int:
 
 def test_a_worker_gets_the_listeners_as_systemd_hands_them_on(start_daemon: DaemonFactory) -> None:
     port = free_port()
-    daemon = start_daemon(listening(port, workers=1))
+    # A descriptor the daemon inherited open (a leaky parent's): posix_spawn passes every
+    # descriptor that is not close-on-exec, so the daemon must mark it at start-up.
+    leaked, other_end = socket.socketpair()
+    leaked.set_inheritable(True)
+    daemon = start_daemon(listening(port, workers=1), pass_fds=(leaked.fileno(),))
+    leaked_inode = os.fstat(leaked.fileno()).st_ino
     status = daemon.wait_ready(1)
     assert status["daemon"]["listeners"] == [f"tcp://127.0.0.1:{port}"]
     (row,) = status["workers"]
@@ -71,7 +76,10 @@ def test_a_worker_gets_the_listeners_as_systemd_hands_them_on(start_daemon: Daem
     # Nothing else of the daemon's crossed into the worker (posix_spawn closes only
     # close-on-exec descriptors): not its IPC listener, not its notify socket.
     daemon_sockets = set(socket_inodes(daemon.proc.pid).values()) - {listener_inode(daemon)}
+    assert leaked_inode in daemon_sockets
     assert not daemon_sockets & set(socket_inodes(pid).values())
+    leaked.close()
+    other_end.close()
     assert row["symlink"] is None and row["socket"] is None
     assert not list(daemon.tmp_dir.glob("app.*"))  # no per-worker sockets, no symlinks
     assert tcp_get(port, "/").pid == pid

@@ -72,7 +72,12 @@ def short_tmp_dir() -> Path:
 
 class RunningDaemon:
     def __init__(
-        self, workdir: Path, settings: dict[str, Any], args: list[str], env: Mapping[str, str] | None = None
+        self,
+        workdir: Path,
+        settings: dict[str, Any],
+        args: list[str],
+        env: Mapping[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.tmp_dir = Path(settings["tmp_dir"])
@@ -88,6 +93,7 @@ class RunningDaemon:
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **env} if env else None,
+            pass_fds=pass_fds,  # descriptors the daemon inherits (left open, not close-on-exec)
         )
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
@@ -243,10 +249,14 @@ def tinyapp_command(*flags: str) -> list[str]:
 
 @contextlib.contextmanager
 def running_daemon(
-    workdir: Path, settings: Mapping[str, Any], *args: str, env: Mapping[str, str] | None = None
+    workdir: Path,
+    settings: Mapping[str, Any],
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> Iterator[RunningDaemon]:
     config = {"tmp_dir": str(short_tmp_dir()), **settings}
-    daemon = RunningDaemon(workdir, config, list(args), env)
+    daemon = RunningDaemon(workdir, config, list(args), env, pass_fds)
     try:
         yield daemon
     finally:

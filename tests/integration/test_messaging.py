@@ -183,11 +183,30 @@ def test_a_rogue_worker_cannot_exhaust_or_stall_the_daemon(start_daemon: DaemonF
         assert time.monotonic() - started_at < 1.0
         peak = max(peak, psutil.Process(daemon.proc.pid).memory_info().rss)
     assert peak < 100 << 20, f"daemon RSS {peak >> 20} MiB"
-    reading = daemon.cli("send-req", "--json", "--timeout", "20", "anything")
-    outcome = replies(reading)
-    assert all(item["worker"]["id"] == daemon.status()["workers"][0]["id"] for item in outcome)
-    assert len([i for i in outcome if "data" in i]) == 10000  # only the replies to its own request
     silent.close()
+    # A reader slower than the rogue streams: the daemon must slow the rogue down to its
+    # pace (backpressure) rather than buffer, and never drop it for reading slowly.
+    slow = socket.socket(socket.AF_UNIX)
+    slow.connect(str(daemon.ipc))
+    slow.sendall(b'{"type":"hello","id":1,"data":{"role":"client"}}\n')
+    slow.sendall(json.dumps({**request, "id": 3}).encode() + b"\n")
+    frames, buffered, done = [], b"", False
+    while not done:
+        chunk = slow.recv(128 << 10)
+        assert chunk, f"dropped after {len(frames)} frames: the daemon buffered instead of slowing the rogue down"
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        for line in lines:
+            frame = json.loads(line)
+            if frame.get("request_id") == 3:
+                frames.append(frame)
+                done = done or frame["done"]
+        time.sleep(0.02)  # the slow reader (a deliberate pace, not a wait for an event)
+    slow.close()
+    worker_id = daemon.status()["workers"][0]["id"]
+    items = [f["data"] for f in frames if not f["done"]]
+    assert all(item["worker"]["id"] == worker_id for item in items)
+    assert len([i for i in items if "data" in i]) == 10000  # only the replies to its own request
 
 
 def test_the_client_libraries_sync_and_asyncio(start_daemon: DaemonFactory) -> None:

@@ -190,7 +190,8 @@ def test_a_rogue_worker_cannot_exhaust_or_stall_the_daemon(start_daemon: DaemonF
     slow.connect(str(daemon.ipc))
     slow.sendall(b'{"type":"hello","id":1,"data":{"role":"client"}}\n')
     slow.sendall(json.dumps({**request, "id": 3}).encode() + b"\n")
-    frames, buffered, done = [], b"", False
+    frames: list[dict[str, Any]] = []
+    buffered, done = b"", False
     while not done:
         chunk = slow.recv(128 << 10)
         assert chunk, f"dropped after {len(frames)} frames: the daemon buffered instead of slowing the rogue down"

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument("--no-start", action="store_true", help="start the daemon with no workers (then `start`)")
     daemon.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    daemon.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object per line (time, level, event, message, worker fields); "
+        "under journald either drops the time and prefixes the priority",
+    )
 
     status = command("status", "show the daemon and its workers")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -111,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one shared listener for every worker (nginx: one server line, its defaults), not per-worker sockets",
     )
+    doctor = command("doctor", "check this host and nginx's configuration for what would lose requests")
+    doctor.add_argument(
+        "--nginx", metavar="PATH", help="nginx's config file, a saved `nginx -T`, or - for stdin (default: nginx -T)"
+    )
+    doctor.add_argument("--json", action="store_true", help="the findings as a JSON list")
     return parser
 
 
@@ -123,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             from sockherd.init import run_init
 
             return run_init(Path.cwd(), force=args.force, listen=args.listen)
+        if args.command == "doctor":
+            if args.ipc is not None:
+                raise ConfigError("doctor reads the config: give it with -c, not -i")
+            from sockherd import doctor
+
+            return doctor.main(args.config, nginx=args.nginx, as_json=args.json)
         return _run_client_command(args)
     except ConfigError as exc:
         print(f"sockherd: {exc}", file=sys.stderr)
@@ -167,16 +185,12 @@ def _ipc_path(args: argparse.Namespace) -> Path:
 
 def _run_daemon(args: argparse.Namespace) -> int:
     import asyncio  # the daemon's alone: client commands start faster without it
-    import logging
 
+    from sockherd.daemon import logformat
     from sockherd.daemon.daemon import Daemon
     from sockherd.daemon.lifecycle import DaemonError
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s sockherd[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logformat.configure(args.log_level, args.log_format, sys.stderr, os.environ)
     config = _load(args)
     port = config.dev_server
     if args.dev_server == DEV_SERVER_DEFAULT:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from sockherd.daemon import takeback
 from sockherd.daemon.coordinator import ShuttingDown
+from sockherd.daemon.logformat import worker_event
 from sockherd.daemon.process import Generation, StartError, Worker, describe_exit
 
 if TYPE_CHECKING:
@@ -143,10 +144,14 @@ class Healer:
             timer.cancel()
         index = worker.index
         if worker.stopping:
-            log.info("%s exited (%s)", worker.label, describe_exit(code))
+            log.info(
+                "%s exited (%s)", worker.label, describe_exit(code), extra=worker_event("exited", worker, code=code)
+            )
             return
         if index is None:
-            log.warning("%s exited (%s)", worker.label, describe_exit(code))
+            log.warning(
+                "%s exited (%s)", worker.label, describe_exit(code), extra=worker_event("crashed", worker, code=code)
+            )
             short_lived = worker.online_at is None or time.time() - worker.online_at < BACKOFF_RESET_AFTER
             if code != -signal.SIGKILL and short_lived:
                 self._standby_health.consecutive += 1  # a standby crash loop backs off too
@@ -158,7 +163,12 @@ class Healer:
             if herd.kept is not None and worker in herd.kept.workers.values():
                 self._lose_kept(worker, code)
                 return
-            log.warning("%s exited (%s) before it was published", worker.label, describe_exit(code))
+            log.warning(
+                "%s exited (%s) before it was published",
+                worker.label,
+                describe_exit(code),
+                extra=worker_event("exited", worker, code=code),
+            )
             return
         if herd.canary is not None and worker.generation == herd.canary.generation.number:
             self._canary_failed(f"{worker.label} crashed ({describe_exit(code)})")
@@ -176,11 +186,22 @@ class Healer:
             return
         standby = self._ready_standby(worker.generation)
         if standby is not None:
-            log.warning("%s crashed (%s); promoting %s", worker.label, describe_exit(code), standby.label)
+            log.warning(
+                "%s crashed (%s); promoting %s",
+                worker.label,
+                describe_exit(code),
+                standby.label,
+                extra=worker_event("crashed", worker, code=code, successor=standby.id),
+            )
             self._promote(standby, index)
             self.refill_standbys()
             return
-        log.warning("%s crashed (%s); replacing it", worker.label, describe_exit(code))
+        log.warning(
+            "%s crashed (%s); replacing it",
+            worker.label,
+            describe_exit(code),
+            extra=worker_event("crashed", worker, code=code),
+        )
         self._start_replacement(index, worker, Generation.of(worker))
 
     def expire_kept(self, kept: takeback.Kept) -> None:
@@ -324,7 +345,9 @@ class Healer:
             vacant += [i for i in range(herd.target_workers) if i not in herd.slots]
         if not vacant or not herd.running or not worker.alive:
             return False
-        log.info("%s fills vacant slot %d", worker.label, vacant[0])
+        log.info(
+            "%s fills vacant slot %d", worker.label, vacant[0], extra=worker_event("promoted", worker, slot=vacant[0])
+        )
         self._promote(worker, vacant[0])
         return True
 
@@ -332,7 +355,9 @@ class Healer:
 
     def on_broken(self, worker: Worker, reason: str) -> None:
         worker.report_broken(reason)
-        log.warning("%s reports itself broken: %s", worker.label, reason)
+        log.warning(
+            "%s reports itself broken: %s", worker.label, reason, extra=worker_event("broken", worker, reason=reason)
+        )
         canary = self.herd.canary
         if canary is not None and worker.generation == canary.generation.number and worker.index is not None:
             self._canary_failed(f"{worker.label} reported itself broken: {reason}")
@@ -380,11 +405,22 @@ class Healer:
             index = worker.index
             standby = self._ready_standby(worker.generation)
             if standby is not None:
-                log.info("replacing %s (%s) with %s", worker.label, why, standby.label)
+                log.info(
+                    "replacing %s (%s) with %s",
+                    worker.label,
+                    why,
+                    standby.label,
+                    extra=worker_event("replacing", worker, reason=why, successor=standby.id),
+                )
                 self._promote(standby, index)
                 self.refill_standbys()
             else:
-                log.info("replacing %s (%s): starting its successor first", worker.label, why)
+                log.info(
+                    "replacing %s (%s): starting its successor first",
+                    worker.label,
+                    why,
+                    extra=worker_event("replacing", worker, reason=why),
+                )
                 try:
                     successor = await herd.start_worker(
                         Generation.of(worker), index, suspended=herd.suspended, attempts=1, progress=log.warning

@@ -3,108 +3,24 @@
 Two kinds of upstream: a real daemon with a hand-written uvicorn integration (plain
 ``uvicorn.Server``, which closes idle keep-alive connections at shutdown), and small
 scripted servers on UNIX sockets that misbehave on purpose, served by a ``DevServer``
-running on an event loop of the test's own.
+running on an event loop of the test's own (tests/support/devserver.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import http.client
 import re
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from conftest import DaemonFactory
-from sockherd.daemon.devserver import RETRIES, DevServer
 from support.daemon import REPO
+from support.devserver import dev_server, http_connection, ok, read_request, scripted_upstream
 from support.http import LoadGenerator, build_request, read_response
 
 HANDWRITTEN = [sys.executable, str(REPO / "tests" / "apps" / "handwritten_uvicorn.py")]
-RETRIED = re.compile(r"dev server: .* sent again")
-
-Handler = Callable[[socket.socket], None]
-
-
-# --- helpers -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def dev_server(published: Callable[[], list[Path]], retries: int = RETRIES) -> Iterator[DevServer]:
-    """A DevServer on a free port, on an event loop in a thread of its own."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = DevServer(0, published, retries=retries)
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(5)
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
-
-
-@contextlib.contextmanager
-def scripted_upstream(path: Path, handler: Handler) -> Iterator[Path]:
-    """A UNIX socket server that runs ``handler`` on each connection, in a thread."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(16)
-    conns: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            threading.Thread(target=handler, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield path
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        for conn in conns:
-            conn.close()
-
-
-def read_request(conn: socket.socket, buffer: bytearray) -> bytes | None:
-    """One request head and its Content-Length body from ``conn``; None at EOF."""
-    while b"\r\n\r\n" not in buffer:
-        data = conn.recv(65536)
-        if not data:
-            return None
-        buffer += data
-    end = buffer.index(b"\r\n\r\n") + 4
-    match = re.search(rb"(?i)content-length: *(\d+)", buffer[:end])
-    length = int(match.group(1)) if match else 0
-    while len(buffer) < end + length:
-        buffer += conn.recv(65536)
-    request = bytes(buffer[: end + length])
-    del buffer[: end + length]
-    return request
-
-
-def ok(body: bytes) -> bytes:
-    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-
-
-@contextlib.contextmanager
-def http_connection(port: int) -> Iterator[http.client.HTTPConnection]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        yield conn
-    finally:
-        conn.close()
+RETRIED = re.compile(r"dev server: (\S+) .* sent again")
 
 
 # --- with real workers ---------------------------------------------------------------
@@ -115,22 +31,38 @@ def test_keep_alive_clients_lose_nothing_across_restarts(start_daemon: DaemonFac
     status = daemon.wait_ready(2, timeout=30)
     port = status["daemon"]["dev_server"]
     mark = daemon.mark()
+
+    def retried() -> list[str]:
+        return [match.group(1) for line in daemon.lines[mark:] if (match := RETRIED.search(line))]
+
     started = time.monotonic()
-    with LoadGenerator(port, concurrency=8, post_every=3) as load:
-        load.wait_requests(200)
-        for _ in range(5):
-            assert daemon.cli("restart").returncode == 0
+    restarts = 0
+    # Eight clients: four mix in POSTs, each of which goes out on a fresh worker connection
+    # (so these clients move to a new worker within a few requests of its publication);
+    # four send GETs only, on worker connections that live until a restart closes them.
+    with (
+        LoadGenerator(port, concurrency=4, post_every=3) as mixed,
+        LoadGenerator(port, concurrency=4, post_every=0) as gets,
+    ):
+        for load in (mixed, gets):
             load.wait_requests(100)
-    result = load.stop()
+        # Five restarts; then more (a few percent of runs) until the race below has happened.
+        while restarts < 5 or (not retried() and restarts < 20):
+            assert daemon.cli("restart").returncode == 0
+            restarts += 1
+            for load in (mixed, gets):
+                load.wait_requests(50)
+    results = [mixed.stop(), gets.stop()]
     elapsed = time.monotonic() - started
-    retried = sum(1 for line in daemon.lines[mark:] if RETRIED.search(line))
-    print(f"\n{result.total} requests in {elapsed:.1f}s ({result.total / elapsed:.0f}/s), {retried} sent again")
-    assert result.failures == []
-    assert result.ok > 700 and result.methods["POST"] > 200
-    assert len(result.pids) >= 2 * 6, "every generation served"
+    total = sum(result.total for result in results)
+    print(f"\n{total} requests, {restarts} restarts in {elapsed:.1f}s, {len(retried())} sent again")
+    assert [result.failures for result in results] == [[], []]
+    assert sum(result.ok for result in results) > 700 and results[0].methods["POST"] > 200
+    assert len(set().union(*(result.pids for result in results))) >= 2 * 6, "every generation served"
     # Each restart closes the idle keep-alive connections the dev server holds: without
-    # sending again, these requests would have failed (see the scripted test below).
-    assert retried > 0
+    # sending again, these GETs would have failed (see the scripted test below). No
+    # POST is ever sent again: the worker might have applied it.
+    assert len(retried()) > 0 and set(retried()) == {"GET"}
 
 
 def test_request_bodies_head_and_keep_alive(start_daemon: DaemonFactory) -> None:
@@ -193,10 +125,44 @@ def test_a_request_on_a_closed_idle_connection_is_sent_again(tmp_dir: Path) -> N
         dev_server(lambda: [path]) as dev,
         http_connection(dev.port) as conn,
     ):
-        for body in (b"", b"a", b"bb"):
-            conn.request("POST", "/", body=body)
+        for method, body in (("GET", b""), ("GET", b""), ("PUT", b"bb")):
+            conn.request(method, "/", body=body)
             assert conn.getresponse().read() == b"first"
         assert dev.retried == 2
+        # A POST is not sent on the reused connection at all, so it needs no retry.
+        conn.request("POST", "/", body=b"c")
+        assert conn.getresponse().read() == b"first"
+        assert dev.retried == 2
+
+
+def test_a_post_the_worker_read_and_then_dropped_is_applied_once(tmp_dir: Path) -> None:
+    """A worker killed after reading a POST looks like one closing an idle connection:
+    no response byte came back. Sending it again would apply it twice."""
+    applied: list[tuple[int, bytes]] = []
+    connections = iter(range(1000))
+
+    def dies_on_post(conn: socket.socket) -> None:
+        number = next(connections)
+        buffer = bytearray()
+        while (request := read_request(conn, buffer)) is not None:
+            if request.startswith(b"POST"):
+                applied.append((number, request))  # it acts on it, then dies (SIGKILL, OOM)
+                break
+            conn.sendall(ok(b"%d" % number))
+        conn.close()
+
+    with (
+        scripted_upstream(tmp_dir / "up.sock", dies_on_post) as path,
+        dev_server(lambda: [path]) as dev,
+        http_connection(dev.port) as conn,
+    ):
+        conn.request("GET", "/")
+        first = int(conn.getresponse().read())
+        conn.request("POST", "/charge", body=b"amount=100")
+        response = conn.getresponse()
+        assert response.status == 502 and response.read() == b"the worker closed the connection\n"
+        assert len(applied) == 1 and dev.retried == 0
+        assert applied[0][0] != first, "the POST went out on a fresh connection"
 
 
 def test_without_retries_the_same_request_fails(tmp_dir: Path) -> None:

@@ -23,7 +23,7 @@ from sockherd.daemon.http1 import (
 
 
 def request(first: str = "GET / HTTP/1.1", *fields: str) -> bytes:
-    return "\r\n".join([first, *fields]).encode() + b"\r\n\r\n"
+    return "\r\n".join([first, *fields]).encode("latin-1") + b"\r\n\r\n"
 
 
 def response(first: str = "HTTP/1.1 200 OK", *fields: str) -> bytes:
@@ -85,6 +85,9 @@ def test_request_framing(fields: tuple[str, ...], framing: Framing) -> None:
         ("content-length: -1",),
         ("transfer-encoding: gzip",),  # a request body cannot end at close
         ("transfer-encoding: chunked", "content-length: 5"),  # how smuggling starts
+        ("content-length: \N{SUPERSCRIPT TWO}",),  # str.isdigit() says yes, int() says no
+        ("content-length: 1\N{SUPERSCRIPT THREE}",),
+        ("content-length: " + "9" * 5000,),  # past int()'s digit limit
     ],
 )
 def test_request_framing_refuses_the_ambiguous(fields: tuple[str, ...]) -> None:
@@ -112,6 +115,12 @@ def test_response_framing(method: str, first: str, fields: tuple[str, ...], fram
     assert response_framing(method, parse_response_head(response(first, *fields))) == framing
 
 
+def test_a_non_ascii_content_length_in_a_response_is_refused() -> None:
+    head = parse_response_head(response("HTTP/1.1 200 OK", "content-length: \N{SUPERSCRIPT TWO}"))
+    with pytest.raises(ParseError):
+        response_framing("GET", head)
+
+
 def test_keep_alive_upgrade_and_expect() -> None:
     assert keeps_alive(parse_request_head(request()))
     assert not keeps_alive(parse_request_head(request("GET / HTTP/1.1", "connection: keep-alive, Close")))
@@ -132,6 +141,11 @@ def test_the_workers_connection_fields_do_not_reach_the_client() -> None:
     assert response_head_for_client(head, keep, keep_alive=True) == response("HTTP/1.1 200 OK", "x-end: 2")
     assert response_head_for_client(head, keep, keep_alive=False) == response(
         "HTTP/1.1 200 OK", "x-end: 2", "connection: close"
+    )
+    # RFC 9112 6.3: the coding delimits the body; a length beside it is not passed on.
+    both = parse_response_head(response("HTTP/1.1 200 OK", "Content-Length: 3", "transfer-encoding: chunked"))
+    assert response_head_for_client(both, keep, keep_alive=True) == response(
+        "HTTP/1.1 200 OK", "transfer-encoding: chunked"
     )
     old = parse_request_head(request("GET / HTTP/1.0", "connection: keep-alive"))
     assert response_head_for_client(head, old, keep_alive=True).endswith(b"connection: keep-alive\r\n\r\n")

@@ -155,3 +155,16 @@ def test_configure_installs_one_handler_with_the_chosen_format(
     logformat.configure("debug", "text", stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     (handler,) = root_logger.handlers
     assert isinstance(handler.formatter, TextFormatter) and handler.formatter.journal
+
+
+def test_nan_and_infinities_stay_valid_json() -> None:
+    fields = {"ratio": float("nan"), "limits": [float("inf"), 1.5, {"low": float("-inf")}]}
+    line = JsonFormatter().format(record("x", extra={"event_fields": fields}))
+    # The strict parser: Python's default accepts the NaN and Infinity that JSON has not.
+    entry = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+    assert (entry["ratio"], entry["limits"]) == ("nan", ["inf", 1.5, {"low": "-inf"}])
+
+
+def test_critical_is_a_level_of_its_own() -> None:
+    entry = json.loads(JsonFormatter().format(record("x", level=logging.CRITICAL)))
+    assert entry["level"] == "critical"

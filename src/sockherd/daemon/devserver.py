@@ -5,9 +5,11 @@ machine, not production (use nginx there). It proxies HTTP/1.x the way nginx doe
 upstream ``keepalive`` and ``proxy_next_upstream error``: each client connection gets
 an upstream connection that is reused while it works, a new one goes to the published
 symlinks round-robin (the kernel resolves a symlink at connect time, as for nginx, so
-restarts behave as they will in production), and a request the worker never answered
-is sent again, when that is safe (see :meth:`ClientConnection.exchange`). What it
-cannot parse (see :mod:`sockherd.daemon.http1`) is piped as raw bytes, both ways.
+restarts behave as they will in production), and an idempotent request the worker
+never answered is sent again, when that is safe (see :meth:`ClientConnection.exchange`).
+What it cannot parse (see :mod:`sockherd.daemon.http1`) is piped as raw bytes, both
+ways. A chunked body found malformed once it is being read is too late for that: a
+request's gets a ``400``, a response's ends the client connection (its head went out).
 """
 
 from __future__ import annotations
@@ -21,119 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from sockherd.daemon import http1
+from sockherd.daemon.devstreams import ClosedEarly, Conn, Malformed, copy_body, error_response, pipe
 
 log = logging.getLogger("sockherd")
 
-_CHUNK = 64 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # request bodies up to this size are buffered, hence retryable
-RETRIES = 3  # sends of one request after the first, on fresh connections
+RETRIES = 1  # a retry goes out on a fresh connection, whose failure is not retried
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 9.2.2
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class ClosedEarly(ConnectionError):
-    """The peer closed the connection; ``partial`` is what arrived of the unfinished part."""
-
-    def __init__(self, partial: bytes = b"") -> None:
-        super().__init__("connection closed early")
-        self.partial = partial
-
-
-class Conn:
-    """One side's stream with a buffer of bytes read but not yet used."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.buffer = bytearray()
-        self.received = 0  # bytes read from the peer, ever
-        self.reused = False  # it has carried a whole exchange (the idle-connection race applies)
-
-    async def _fill(self) -> None:
-        data = await self.reader.read(_CHUNK)
-        if not data:
-            raise ClosedEarly(bytes(self.buffer))
-        self.received += len(data)
-        self.buffer += data
-
-    def take(self, n: int = -1) -> bytes:
-        n = len(self.buffer) if n < 0 else min(n, len(self.buffer))
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
-
-    def unread(self, data: bytes) -> None:
-        self.buffer[:0] = data
-
-    async def read_some(self, n: int = _CHUNK) -> bytes:
-        if not self.buffer:
-            await self._fill()
-        return self.take(n)
-
-    async def read_head(self) -> bytes:
-        """Up to and including the blank line; ParseError past MAX_HEAD, ClosedEarly at EOF."""
-        start = 0
-        while (end := self.buffer.find(http1.HEAD_END, start)) == -1:
-            if len(self.buffer) > http1.MAX_HEAD:
-                raise http1.ParseError("head too long")
-            start = max(0, len(self.buffer) - 3)
-            await self._fill()
-        return self.take(end + 4)
-
-    def idle_and_closed(self) -> bool:
-        return not self.buffer and self.reader.at_eof()
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def copy_body(src: Conn, dst: Conn, framing: http1.Framing, scanner: http1.ChunkedScanner | None = None) -> None:
-    """Forward one body as it came (a chunked one from where ``scanner`` is); raise
-    ClosedEarly if ``src`` ends inside it."""
-    if framing.kind == "length":
-        remaining = framing.length
-        while remaining:
-            data = await src.read_some(min(remaining, _CHUNK))
-            remaining -= len(data)
-            await dst.send(data)
-    elif framing.kind == "chunked":
-        scanner = scanner or http1.ChunkedScanner()
-        while not scanner.done:
-            data = await src.read_some()
-            used = scanner.feed(data)
-            src.unread(data[used:])
-            await dst.send(data[:used])
-    elif framing.kind == "close":
-        with contextlib.suppress(ClosedEarly):
-            while True:
-                await dst.send(await src.read_some())
-
-
-async def pipe(src: Conn, dst: Conn) -> None:
-    """Raw bytes until EOF, then half-close ``dst`` (the pre-HTTP dev server, and tunnels)."""
-    try:
-        await dst.send(src.take())
-        while data := await src.reader.read(_CHUNK):
-            src.received += len(data)
-            await dst.send(data)
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            if dst.writer.can_write_eof():
-                dst.writer.write_eof()
-
-
-def error_response(status: str, text: str) -> bytes:
-    body = text.encode() + b"\n"
-    return (
-        f"HTTP/1.1 {status}\r\ncontent-type: text/plain\r\nconnection: close\r\n"
-        f"content-length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
 
 
 class DevServer:
@@ -157,6 +54,11 @@ class DevServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
+    @property
+    def clients(self) -> int:
+        """Client connections being served."""
+        return len(self._tasks)
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         sock = self._server.sockets[0]
@@ -178,7 +80,7 @@ class DevServer:
         for offset in range(len(paths)):
             path = paths[(start + offset) % len(paths)]
             try:
-                return Conn(*await asyncio.open_unix_connection(str(path)))
+                return Conn(*await asyncio.open_unix_connection(str(path)), "worker")
             except OSError:
                 continue  # like proxy_next_upstream error: try the next worker
         return None
@@ -187,7 +89,7 @@ class DevServer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        client = ClientConnection(self, Conn(reader, writer))
+        client = ClientConnection(self, Conn(reader, writer, "client"))
         try:
             await client.run()
         except (ConnectionError, OSError):
@@ -209,10 +111,11 @@ class ClientConnection:
         self.client = client
         self.upstream: Conn | None = None
         self.sending: asyncio.Task[None] | None = None  # a streamed request body on its way
+        self.responding = False  # the final response to the current request has begun
 
     def close(self) -> None:
         if self.sending is not None:
-            self.sending.cancel()
+            _discard(self.sending)
         self.drop_upstream()
         self.client.close()
 
@@ -239,11 +142,29 @@ class ClientConnection:
                 self.client.unread(raw)
                 await self.raw_pipe()
                 return
-            if not await self.handle(request, framing):
+            self.responding = False
+            try:
+                if not await self.handle(request, framing):
+                    return
+            except ValueError as exc:  # Malformed (or a ParseError): too late to pipe it raw
+                await self.refuse(exc)
                 return
+
+    async def refuse(self, exc: ValueError) -> None:
+        """End the client connection on a body that broke its framing mid-way: with a
+        400 for the client's body, a 502 for anything else, unless the response has begun."""
+        log.debug("dev server: %s", exc)
+        self.drop_upstream()
+        if self.responding:
+            return
+        if isinstance(exc, Malformed) and exc.peer == "client":
+            await self.client.send(error_response("400 Bad Request", "malformed request body"))
+        else:
+            await self.client.send(error_response("502 Bad Gateway", "malformed response from the worker"))
 
     async def raw_pipe(self, sending: Awaitable[object] | None = None) -> None:
         """Pipe raw bytes both ways until both sides are done (after ``sending``, if given)."""
+        self.responding = True
         upstream = self.upstream if self.upstream is not None else await self.server.connect()
         if upstream is None:
             await self.client.send(error_response("502 Bad Gateway", "no worker is online"))
@@ -252,7 +173,7 @@ class ClientConnection:
 
         async def client_side() -> None:
             if sending is not None:
-                with contextlib.suppress(ConnectionError, OSError):
+                with contextlib.suppress(ConnectionError, OSError, ValueError):
                     await sending
             await pipe(self.client, upstream)
 
@@ -277,6 +198,7 @@ class ClientConnection:
             response_framing = http1.response_framing(request.method, response)
         except http1.ParseError:  # a body it cannot delimit: raw bytes from here on
             response_framing = http1.Framing("tunnel")
+        self.responding = True
         if response_framing.kind == "tunnel":  # 101 Switching Protocols, CONNECT: no more HTTP
             await self.client.send(response.raw)
             await self.raw_pipe()
@@ -307,10 +229,7 @@ class ClientConnection:
             body = bytearray()
             scanner = http1.ChunkedScanner()
             while not scanner.done and len(body) <= limit:
-                data = await self.client.read_some()
-                used = scanner.feed(data)
-                self.client.unread(data[used:])
-                body += data[:used]
+                body += await self.client.read_chunked(scanner)
             if not scanner.done:
                 return bytes(body), lambda upstream: copy_body(self.client, upstream, framing, scanner)
             return bytes(body), None
@@ -321,24 +240,26 @@ class ClientConnection:
     ) -> tuple[http1.Head, bool] | None:
         """Send the request and read its final response head; None once answered otherwise.
 
-        A request is sent again, on a fresh connection to the currently published socket,
-        when the worker closed or reset the connection before any byte of a response,
-        only if its body is whole in memory (``rest`` is None) and the connection was a
-        reused, idle one. That is the case where the worker did not read the request: it
-        closed an idle keep-alive connection (a drain, an idle timeout) just as the
-        request went out, so nothing was applied and even a POST is safe to repeat. It is
-        nginx's rule with ``proxy_next_upstream error``: a failed connect goes to the next
-        server (here :meth:`DevServer.connect` tries every published socket), and a
-        request already sent is not sent again when that could apply it twice (nginx: a
-        POST, unless ``non_idempotent``; here: anything on a fresh connection, which may
-        have failed after the worker acted). nginx reaches the same result for its idle
-        pooled connections by retrying their failures without spending a try. Returns
-        the response head and whether the whole request body went out.
+        An idempotent request (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) is sent again, on
+        a fresh connection to the currently published socket, when the worker closed or
+        reset the connection before any byte of a response, only if its body is whole in
+        memory (``rest`` is None) and the connection was a reused, idle one: the worker
+        most likely closed an idle keep-alive connection (a drain, an idle timeout) just
+        as the request went out. It may also have died after reading it (SIGKILL, the
+        OOM killer): the two look the same from here, hence idempotent requests only, as
+        nginx's ``proxy_next_upstream error`` without ``non_idempotent``. Any other
+        request (POST, PATCH, ...) goes out on a fresh connection, which the idle-close
+        race cannot hit, and is never sent twice. A failed connect goes to the next
+        server (:meth:`DevServer.connect` tries every published socket). Returns the
+        response head and whether the whole request body went out.
         """
+        idempotent = request.method in IDEMPOTENT
         attempt = 0
         while True:
-            if self.upstream is not None and self.upstream.idle_and_closed():
-                self.drop_upstream()  # closed while idle: no request was lost to it
+            if self.upstream is not None and (
+                self.upstream.idle_and_closed() or (self.upstream.reused and not idempotent)
+            ):
+                self.drop_upstream()  # closed while idle (nothing lost), or not to be risked on that race
             if self.upstream is None:
                 self.upstream = await self.server.connect()
                 if self.upstream is None:
@@ -355,12 +276,15 @@ class ClientConnection:
             except http1.ParseError:  # not an HTTP/1.x response: from here on, raw bytes
                 await self.raw_pipe(sending)
                 return None
-            except (ConnectionError, OSError):
+            except (ConnectionError, OSError) as exc:
+                if isinstance(exc, ClosedEarly) and exc.peer == "client":
+                    raise  # the client left in the middle of its request body
                 answered = upstream.received > received
-                retry = upstream.reused and rest is None and not answered and attempt < self.server.retries
+                retry = idempotent and upstream.reused and rest is None and not answered
+                retry = retry and attempt < self.server.retries
                 self.drop_upstream()
                 if sending is not None:
-                    sending.cancel()
+                    _discard(sending)
                 if not retry:
                     if not answered:
                         await self.client.send(error_response("502 Bad Gateway", "the worker closed the connection"))
@@ -378,8 +302,35 @@ class ClientConnection:
     async def final_response(
         self, request: http1.Head, upstream: Conn, sending: asyncio.Task[None] | None
     ) -> tuple[http1.Head, bool]:
-        """Read response heads up to the final one, forwarding interim (1xx) ones to
-        HTTP/1.1 clients. Returns it and whether the whole request body went out."""
+        """The final response head and whether the whole request body went out.
+
+        A streamed body and the response are awaited together. A worker may answer
+        before it has read the whole body: the rest is not sent, and the client
+        connection ends after the response. A client that stops sending its body (it
+        left, or its chunks are malformed) ends the exchange and the worker's connection,
+        on which the worker would otherwise wait for the rest forever."""
+        reading = asyncio.ensure_future(self.final_head(request, upstream))
+        try:
+            if sending is not None:
+                await asyncio.wait((reading, sending), return_when=asyncio.FIRST_COMPLETED)
+                failure = sending.exception() if sending.done() and not sending.cancelled() else None
+                if not reading.done() and isinstance(failure, ClosedEarly | Malformed) and failure.peer == "client":
+                    self.drop_upstream()
+                    raise failure
+            response = await reading  # (a failed write to the worker: it may still answer, or close)
+        finally:
+            reading.cancel()
+        if sending is None:
+            return response, True
+        if not sending.done():
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError, ValueError):
+                await sending
+            return response, False
+        return response, not sending.cancelled() and sending.exception() is None
+
+    async def final_head(self, request: http1.Head, upstream: Conn) -> http1.Head:
+        """Response heads up to the final one; interim (1xx) ones go to HTTP/1.1 clients."""
         while True:
             raw = await upstream.read_head()
             try:
@@ -388,14 +339,13 @@ class ClientConnection:
                 upstream.unread(raw)
                 raise
             if response.status >= 200 or response.status == 101:
-                break
+                return response
             if request.minor >= 1:
                 await self.client.send(raw)
-        if sending is None:
-            return response, True
-        if not sending.done():
-            sending.cancel()  # answered before the whole body was read: the client connection ends
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
-                await sending
-            return response, False
-        return response, sending.exception() is None
+
+
+def _discard(task: asyncio.Task[None]) -> None:
+    """Cancel ``task``; an exception it already ended with is ours to drop, not asyncio's to log."""
+    if task.done() and not task.cancelled():
+        task.exception()
+    task.cancel()

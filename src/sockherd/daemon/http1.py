@@ -21,6 +21,7 @@ HEAD_END = b"\r\n\r\n"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/1\.([01])")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII only (str.isdigit() takes "²"), below int's digit limit
 # Hop-by-hop headers that describe the worker's connection, not the client's.
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection"})
 
@@ -116,7 +117,7 @@ def _content_length(head: Head) -> int | None:
     values = {v.strip() for value in head.values("content-length") for v in value.split(",")}
     if not values:
         return None
-    if len(values) != 1 or not next(iter(values)).isdigit():
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
         raise ParseError(f"bad content-length {sorted(values)}")
     return int(values.pop())
 
@@ -188,15 +189,18 @@ def response_head_for_client(response: Head, request: Head, *, keep_alive: bool)
     The worker's ``Connection`` (and the fields it names) describe the worker's side: a
     draining worker says ``close`` to end *its* connection, and the client must not be
     made to reconnect for that. As nginx does, the dev server says what it will do with
-    the client's connection instead."""
-    hop = _HOP_BY_HOP | response.tokens("connection")
+    the client's connection instead. A ``Content-Length`` beside a ``Transfer-Encoding``
+    is dropped (RFC 9112 6.3: the coding delimits the body; a proxy removes the length)."""
+    hop = {*_HOP_BY_HOP, *response.tokens("connection")}
+    if response.values("transfer-encoding"):
+        hop.add("content-length")
     if not keep_alive:
         extra: tuple[bytes, ...] = (b"connection: close",)
     elif request.minor == 0:
         extra = (b"connection: keep-alive",)
     else:
         extra = ()
-    return without_fields(response, set(hop), extra)
+    return without_fields(response, hop, extra)
 
 
 class ChunkedScanner:

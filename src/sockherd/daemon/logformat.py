@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -96,7 +97,8 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time``, ``level``, ``event``, ``message``, then the
     event's fields (a worker's ``id``, ``index``, ``pid``, ``generation``), then
-    ``exception`` when there is a traceback."""
+    ``exception`` when there is a traceback. A NaN or infinite field value is written as
+    a string, keeping the line valid JSON."""
 
     def __init__(self, *, journal: bool = False) -> None:
         super().__init__()
@@ -118,8 +120,22 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        line = json.dumps(entry, ensure_ascii=False, default=str)
+        try:
+            line = json.dumps(entry, ensure_ascii=False, default=str, allow_nan=False)
+        except ValueError:  # NaN or an infinity, which JSON has no numbers for
+            line = json.dumps(_finite(entry), ensure_ascii=False, default=str)
         return f"<{journal_priority(record.levelno)}>{line}" if self.journal else line
+
+
+def _finite(value: object) -> object:
+    """``value`` with NaN and the infinities as the strings ``"nan"``, ``"inf"``, ``"-inf"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _event_of_logger(name: str) -> str:

@@ -5,7 +5,8 @@ in it: whether the daemon would accept tmp_dir, whether nginx's worker user can
 traverse to and connect to the sockets, and what a previous run left behind. The nginx
 checks (:mod:`sockherd.doctor_nginx`) read nginx's configuration with a real parser
 (:mod:`sockherd.nginx_conf`): ``--nginx PATH`` (a file, a saved ``nginx -T``, ``-`` for
-stdin), else ``nginx -T``. Nothing is changed: every finding says what to write.
+stdin), else ``nginx -T``, with nginx's version (its defaults changed in 1.29.7) from
+``nginx -v`` or ``--nginx-version``. Nothing is changed: every finding says what to write.
 
 Exit codes: 0 nothing found would lose requests (warnings alone), 1 something would,
 2 bad usage or unreadable input.
@@ -13,20 +14,24 @@ Exit codes: 0 nothing found would lose requests (warnings alone), 1 something wo
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import os
 import pwd
 import re
+import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 from sockherd.config import Config, ConfigError, find_config, load_config
-from sockherd.daemon.publish import NGINX_USERS, SocketNames, published_target, socket_is_live
-from sockherd.doctor_nginx import App, Finding, check_nginx, worker_keepalive
+from sockherd.daemon.publish import NGINX_USERS, SocketNames, TmpDirProblem, published_target, tmp_dir_problems
+from sockherd.doctor_nginx import App, Finding, check_nginx, parse_nginx_version
+from sockherd.doctor_worker import worker_keepalive
 from sockherd.nginx_conf import Directive, NginxConfError, is_dump, parse_dump, parse_file, parse_text
 
 __all__ = ["Finding", "local_findings", "main", "read_nginx"]
@@ -38,12 +43,16 @@ class Unreadable(Exception):
     """The input the user named cannot be read (exit 2)."""
 
 
-def main(config_path: Path | None, *, nginx: str | None, as_json: bool) -> int:
+def main(config_path: Path | None, *, nginx: str | None, as_json: bool, nginx_version: str | None = None) -> int:
+    """``nginx_version``: X.Y.Z, for a configuration given with ``nginx`` (else ``nginx -v``)."""
     try:
         if config_path is None:
             find_config(Path.cwd())  # no config at all is bad usage, as for every command
         conf: list[Directive] | None = None
         source = "not read"
+        version = parse_nginx_version(nginx_version) if nginx_version is not None else None
+        if nginx_version is not None and (version is None or not re.fullmatch(r"[0-9.]+", nginx_version)):
+            raise Unreadable(f"--nginx-version {nginx_version!r}: expected nginx's version as X.Y.Z, such as 1.30.0")
         if nginx is not None:
             conf, source = read_nginx(nginx)
     except (ConfigError, Unreadable) as exc:
@@ -53,6 +62,11 @@ def main(config_path: Path | None, *, nginx: str | None, as_json: bool) -> int:
     if nginx is None:
         conf, source, problem = _nginx_dash_t()
         findings += [problem] if problem else []
+        binary = _nginx_binary()
+        if version is None and conf is not None and binary is not None:
+            version = parse_nginx_version(_nginx_says(binary, "-v"))
+    if conf is not None and version is not None:
+        source += f", nginx {'.'.join(map(str, version))}"
     try:
         config: Config | None = load_config(config_path)
     except ConfigError as exc:
@@ -61,7 +75,7 @@ def main(config_path: Path | None, *, nginx: str | None, as_json: bool) -> int:
     if config is not None:
         findings = local_findings(config, conf) + findings
         if conf is not None:
-            findings += check_nginx(conf, app_of(config))
+            findings += check_nginx(conf, app_of(config), version)
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order[f.severity])
     if as_json:
@@ -125,6 +139,15 @@ def _nginx_binary() -> str | None:
     return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 
 
+def _nginx_says(binary: str, flag: str) -> str:
+    """What ``nginx -v`` or ``-V`` prints (to stderr), or "" when it cannot be run."""
+    try:
+        done = subprocess.run([binary, flag], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stderr + done.stdout
+
+
 def _nginx_dash_t() -> tuple[list[Directive] | None, str, Finding | None]:
     """No ``--nginx``: ask nginx itself (``nginx -T``), and say so when it cannot."""
     binary = _nginx_binary()
@@ -152,13 +175,11 @@ def nginx_user(conf: list[Directive] | None) -> tuple[str, str] | None:
     if users:
         return users[-1].args[0], f"`user` at {users[-1].where}"
     binary = _nginx_binary()
-    if conf is None:  # nginx's config unread: the user the daemon itself looks for
+    if conf is None or not any(d.name == "http" for d in conf):  # no nginx.conf read: the daemon's guess
         found = next((u for u in NGINX_USERS if _uid(u) is not None), None)
-        return (found, "assumed: nginx's configuration was not read") if found and binary else None
-    compiled = None
-    if binary is not None:
-        with_options = subprocess.run([binary, "-V"], capture_output=True, text=True, timeout=30, check=False)
-        compiled = re.search(r"--user=(\S+)", with_options.stderr)
+        why = "nginx's configuration was not read" if conf is None else "nginx.conf, which sets `user`, was not read"
+        return (found, f"assumed: {why}") if found and binary else None
+    compiled = re.search(r"--user=(\S+)", _nginx_says(binary, "-V")) if binary is not None else None
     if compiled:
         return compiled[1], "nginx's built-in default (no `user` directive)"
     return "nobody", "nginx's built-in default (no `user` directive)"
@@ -170,20 +191,24 @@ def nginx_user(conf: list[Directive] | None) -> tuple[str, str] | None:
 def app_of(config: Config) -> App:
     prefix, _, suffix = config.socket_file.partition("{worker}")
     listen = tuple(a.removeprefix("unix://") for a in config.listen if a.startswith("unix://"))
-    keepalive = worker_keepalive(config.worker.command)
-    known = any(re.search(r"uvicorn|gunicorn|hypercorn", arg) for arg in config.worker.command)
-    return App(config.tmp_dir, prefix, suffix, config.workers, listen, keepalive, keepalive is None and not known)
+    environment = dict(config.worker.environment)
+    if "GUNICORN_CMD_ARGS" in config.worker.env and "GUNICORN_CMD_ARGS" in os.environ:  # passed through
+        environment.setdefault("GUNICORN_CMD_ARGS", os.environ["GUNICORN_CMD_ARGS"])
+    keepalive = worker_keepalive(config.worker.command, config.worker.cwd, environment)
+    return App(config.tmp_dir, prefix, suffix, config.workers, listen, keepalive)
 
 
 def local_findings(config: Config, conf: list[Directive] | None) -> list[Finding]:
     findings: list[Finding] = []
-    running = socket_is_live(config.ipc_path)
-    daemon = "a daemon answers on" if running else "no daemon is running (not an error): nothing answers on"
+    running = socket_state(config.ipc_path)
+    daemon = {
+        True: "a daemon answers on",
+        False: "no daemon is running (not an error): nothing answers on",
+        None: "whether a daemon runs is unknown: this user may not connect to",
+    }[running]
     findings.append(Finding("info", "daemon", str(config.ipc_path), None, f"{daemon} {config.ipc_path}", None))
     tmp_dir = config.tmp_dir
-    try:
-        st = os.lstat(tmp_dir)
-    except FileNotFoundError:
+    if not os.path.lexists(tmp_dir):
         findings.append(
             Finding(
                 "info",
@@ -196,46 +221,68 @@ def local_findings(config: Config, conf: list[Directive] | None) -> list[Finding
             )
         )
         return findings
-    findings += _tmp_dir_findings(tmp_dir, st)
-    if stat.S_ISDIR(st.st_mode):
+    findings += _tmp_dir_findings(tmp_dir, *_daemon_uid(config))
+    if os.path.isdir(tmp_dir) and not os.path.islink(tmp_dir):
         findings += _reach_findings(config, conf)
         findings += _stale_findings(config, running)
     return findings
 
 
-def _tmp_dir_findings(tmp_dir: Path, st: os.stat_result) -> list[Finding]:
-    """What makes the daemon refuse tmp_dir (publish.prepare_tmp_dir), found before it does."""
+def socket_state(path: Path, timeout: float = 0.5) -> bool | None:
+    """Whether something accepts on the UNIX socket at ``path``: True, False (refused,
+    or no socket), or None when this user may not connect to it (EACCES, EPERM), which
+    says nothing about the server (publish.socket_is_live calls that dead)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(str(path))
+        except (BlockingIOError, TimeoutError):
+            return True  # a full backlog: live, if busy
+        except OSError as exc:
+            return None if exc.errno in (errno.EACCES, errno.EPERM) else exc.errno == errno.EAGAIN
+        return True
 
-    def refused(path: Path, why: str, fix: str) -> Finding:
-        return Finding("error", "tmp_dir", str(path), None, f"the daemon refuses tmp_dir {tmp_dir}: {why}", fix)
 
-    if stat.S_ISLNK(st.st_mode):
-        real = os.path.realpath(tmp_dir)
-        return [refused(tmp_dir, "it is a symlink, which whoever owns it could repoint", f'tmp_dir = "{real}"')]
-    if not stat.S_ISDIR(st.st_mode):
-        return [refused(tmp_dir, "it is not a directory", f"rm {tmp_dir} (the daemon creates the directory)")]
+def _daemon_uid(config: Config) -> tuple[int, str]:
+    """The uid the daemon runs as: its IPC socket's owner when there is one, else this user."""
+    try:
+        st = os.lstat(config.ipc_path)
+        if stat.S_ISSOCK(st.st_mode):
+            return st.st_uid, f"the daemon's: the owner of {config.ipc_path}"
+    except OSError:
+        pass
+    return os.getuid(), "this user's: run doctor as the daemon's user"
+
+
+_UID_DEPENDENT = ("owner", "parent_owner", "not_writable")
+
+
+def _tmp_dir_findings(tmp_dir: Path, uid: int, whose: str) -> list[Finding]:
+    """What makes the daemon refuse tmp_dir: publish.tmp_dir_problems, as the daemon checks it."""
     findings = []
-    mode = stat.S_IMODE(st.st_mode)
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        who = "every user" if st.st_mode & stat.S_IWOTH else "its group"
-        findings.append(
-            refused(tmp_dir, f"writable by {who} (mode {mode:o}), who could swap sockets", f"chmod 2750 {tmp_dir}")
-        )
-    for parent in Path(os.path.realpath(tmp_dir)).parents:
-        pst = os.stat(parent)
-        if pst.st_uid not in (st.st_uid, 0):
-            findings.append(
-                refused(parent, f"{parent} above it belongs to uid {pst.st_uid}", "put tmp_dir under /run/<app>")
-            )
-        elif pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
-            findings.append(
-                refused(
-                    parent,
-                    f"{parent} above it is writable by others (mode {stat.S_IMODE(pst.st_mode):o}) and not sticky",
-                    f"chmod go-w {parent}, or put tmp_dir under /run/<app>",
-                )
-            )
+    for problem in tmp_dir_problems(tmp_dir, uid):
+        as_uid = f" (checked as uid {uid}, {whose})" if problem.kind in _UID_DEPENDENT else ""
+        message = f"the daemon refuses it: {problem.message}{as_uid}"
+        findings.append(Finding("error", "tmp_dir", str(problem.path), None, message, _tmp_dir_fix(problem, uid)))
     return findings
+
+
+def _tmp_dir_fix(problem: TmpDirProblem, uid: int) -> str:
+    path = shlex.quote(str(problem.path))
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return {
+        "symlink": f"tmp_dir = {json.dumps(os.path.realpath(problem.path))}",
+        "not_a_directory": f"rm {path} (the daemon creates the directory)",
+        "owner": f"chown {shlex.quote(user)} {path}",
+        "writable_by_others": f"chmod 2750 {path}",
+        "writable_by_group": f"chmod 2750 {path}",
+        "parent_owner": "put tmp_dir under /run/<app>",
+        "parent_writable": f"chmod go-w {path}, or put tmp_dir under /run/<app>",
+        "not_writable": f"chown {shlex.quote(user)} {path}",
+    }.get(problem.kind, "")
 
 
 def _uid(user: str) -> int | None:
@@ -268,9 +315,9 @@ def _reach_findings(config: Config, conf: list[Directive] | None) -> list[Findin
     for directory in [*reversed(tmp_dir.parents), tmp_dir]:
         dst = os.stat(directory)
         if not _allows(dst, entry.pw_uid, groups, 1):
-            fix = (
-                f"chgrp {group} {tmp_dir} && chmod 2750 {tmp_dir}" if directory == tmp_dir else f"chmod o+x {directory}"
-            )
+            quoted = shlex.quote(str(directory))
+            fix = f"chgrp {shlex.quote(group)} {quoted} && chmod 2750 {quoted}" if directory == tmp_dir else ""
+            fix = fix or f"chmod o+x {quoted}"
             why = f"cannot traverse {directory} (mode {stat.S_IMODE(dst.st_mode):o}, group {_group(dst.st_gid)})"
             return [_unreachable(directory, user, origin, why, fix)]
     sockets = [t for i in range(config.workers) if (t := published_target(config.symlink_path(i))) and t.exists()]
@@ -301,28 +348,53 @@ def _group(gid: int) -> str:
         return str(gid)
 
 
-def _stale_findings(config: Config, running: bool) -> list[Finding]:
+def _stale_findings(config: Config, running: bool | None) -> list[Finding]:
     """What a previous run left in tmp_dir (the daemon's start-up sweep removes it)."""
     names = SocketNames.from_pattern(config.socket_file)
-    later = "the running daemon replaces it" if running else "the daemon's start-up sweep removes it"
+    later = {
+        True: "the running daemon replaces it",
+        False: "the daemon's start-up sweep removes it",
+        None: "the daemon replaces it, or its start-up sweep removes it",
+    }[running]
     findings = []
+    unknown: list[str] = []
     for entry in sorted(os.scandir(config.tmp_dir), key=lambda e: e.name):
         path = Path(entry.path)
         if entry.is_symlink() and names.is_temp_name(entry.name):
             why = "a temporary symlink left by an interrupted swap"
         elif entry.is_symlink() and names.is_symlink_name(entry.name):
             target = published_target(path)
-            if target is not None and target.exists() and socket_is_live(target):
+            live = socket_state(target) if target is not None and target.exists() else False
+            if live is None:
+                unknown.append(entry.name)
+            if live is not False:
                 continue
             why = f"a published symlink to {'a dead socket' if target and target.exists() else 'nothing'}"
             why += ": nginx's connects to it fail"
         elif stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode) and (
             names.is_worker_socket_name(entry.name) or entry.name == config.ipc_file
         ):
-            if socket_is_live(path):
+            live = socket_state(path)
+            if live is None:
+                unknown.append(entry.name)
+            if live is not False:
                 continue
             why = "a socket nothing accepts on"
         else:
             continue
-        findings.append(Finding("warning", "stale", str(path), None, f"stale: {why}; {later}", f"rm {path}"))
+        findings.append(
+            Finding("warning", "stale", str(path), None, f"stale: {why}; {later}", f"rm {shlex.quote(str(path))}")
+        )
+    if unknown:
+        findings.append(
+            Finding(
+                "info",
+                "stale",
+                str(config.tmp_dir),
+                None,
+                f"cannot tell whether {', '.join(unknown)} in tmp_dir are live: this user may not connect to them "
+                "(permission denied); run doctor as root or as the daemon's user",
+                None,
+            )
+        )
     return findings

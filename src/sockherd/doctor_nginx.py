@@ -10,33 +10,43 @@ and the text to write instead):
   2.5 s). nginx ignores ``max_fails`` for a single server;
 - ``proxy_next_upstream`` without ``error``: a failed connect is not retried on the
   next socket;
-- upstream ``keepalive`` whose worker closes idle connections before nginx does
+- upstream keep-alive whose worker closes idle connections before nginx does
   (``keepalive_timeout``, 60 s by default): nginx writes a request into a connection
   the worker is closing;
-- upstream ``keepalive`` without ``proxy_http_version 1.1`` and ``proxy_set_header
-  Connection ""`` where the request is proxied (keep-alive is then silently off);
+- upstream keep-alive with HTTP/1.0 or ``Connection: close`` where the request is
+  proxied (keep-alive is then silently off), including ``$connection_upgrade`` from
+  the usual WebSocket ``map``, which sends ``close`` for every other request;
 - server lines on a worker's own socket (it changes at every restart), and slots
   listed that do not exist or exist and are not listed.
+
+nginx's defaults depend on its version: since 1.29.7 (stable 1.30) every ``upstream``
+block keeps idle connections (``keepalive 32 local``; ``keepalive 0`` turns it off),
+``proxy_http_version`` is 1.1 and ``Connection`` is no longer ``close``; before, none
+of that without ``keepalive``, ``proxy_http_version 1.1`` and ``proxy_set_header
+Connection ""``. Without a version the older defaults are assumed, and an upstream
+without ``keepalive`` is also checked as 1.29.7 would use it (a warning, not an error).
+
+A file without an ``http`` block (a ``conf.d`` fragment) is read as the inside of one.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-import shlex
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from sockherd.nginx_conf import Directive, walk
+from sockherd.doctor_worker import KeepAlive
+from sockherd.nginx_conf import Directive, quote, walk
 
-__all__ = ["App", "Finding", "check_nginx", "nginx_time", "worker_keepalive"]
+__all__ = ["KEEPALIVE_BY_DEFAULT", "App", "Finding", "check_nginx", "nginx_time", "parse_nginx_version"]
 
 Severity = Literal["error", "warning", "info"]
+Version = tuple[int, int, int]
 NGINX_KEEPALIVE_TIMEOUT: Final = 60.0  # nginx's default upstream keepalive_timeout
-# sockherd.uvicorn's DEFAULT_TIMEOUT_KEEP_ALIVE (a test checks): not imported, uvicorn is optional
-RUNNER_KEEP_ALIVE: Final = 75
+KEEPALIVE_BY_DEFAULT: Final = (1, 29, 7)  # keepalive 32 local, proxy_http_version 1.1, no Connection: close
 _TIME_UNITS: Final = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "M": 2592000, "y": 31536000}
 
 
@@ -62,8 +72,7 @@ class App:
     suffix: str
     workers: int
     listen: tuple[str, ...]  # unix socket paths of shared listeners
-    keepalive: tuple[str, float] | None  # (what the worker is, its keep-alive timeout), if known
-    keepalive_unknown: bool = False  # the command says nothing we can read
+    keepalive: KeepAlive | None  # the worker's idle keep-alive; None: it closes after every response
 
     def socket_kind(self, path: str) -> tuple[str, int | None] | None:
         """("slot", N), ("worker", None), ("listener", None) or None (not this app's)."""
@@ -96,40 +105,11 @@ def nginx_time(text: str) -> float | None:
     return sum(int(n) * _TIME_UNITS.get(u or "s", 1) for n, u in parts)
 
 
-def worker_keepalive(command: Iterable[str]) -> tuple[str, float] | None:
-    """The worker's idle keep-alive timeout read from its command, or None when it is
-    not a server we know (or one that does not keep connections open)."""
-    argv = [word for arg in command for word in (shlex.split(arg) if " " in arg else [arg])]
-
-    def option(names: tuple[str, ...]) -> str | None:
-        for i, word in enumerate(argv):
-            for name in names:
-                if word == name and i + 1 < len(argv):
-                    return argv[i + 1]
-                if word.startswith(name + "="):
-                    return word.split("=", 1)[1]
-        return None
-
-    def number(value: str | None, default: float) -> float:
-        try:
-            return float(value) if value is not None else default
-        except ValueError:
-            return default
-
-    programs = [os.path.basename(w) for w in argv] + [argv[i + 1] for i, w in enumerate(argv[:-1]) if w == "-m"]
-    if "sockherd.uvicorn" in programs:
-        return ("python -m sockherd.uvicorn", number(option(("--timeout-keep-alive",)), RUNNER_KEEP_ALIVE))
-    if "uvicorn" in programs:
-        return ("uvicorn", number(option(("--timeout-keep-alive",)), 5))
-    if "hypercorn" in programs:
-        return ("hypercorn", number(option(("--keep-alive",)), 5))
-    if "gunicorn" in programs:
-        worker_class = option(("-k", "--worker-class"))
-        threads = number(option(("--threads",)), 1)
-        if (worker_class is None or worker_class == "sync") and threads <= 1:
-            return None  # the sync worker closes every connection after its response
-        return ("gunicorn", number(option(("--keep-alive",)), 2))
-    return None
+def parse_nginx_version(text: str) -> Version | None:
+    """``1.30.0``, or ``nginx -v``'s ``nginx version: nginx/1.22.1`` (OpenResty's
+    ``openresty/1.25.3.1`` is nginx 1.25.3), as a tuple; None when there is none."""
+    match = re.search(r"(?:^|nginx/|openresty/)([0-9]+)\.([0-9]+)\.([0-9]+)", text.strip())
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +117,7 @@ class _Upstream:
     block: Directive
     servers: list[Directive]
     ours: list[tuple[Directive, str, int | None]]  # server, kind, slot
+    keepalive: bool | None  # keeps idle connections; None: only if nginx is 1.29.7 or later
 
     @property
     def name(self) -> str:
@@ -150,14 +131,43 @@ def _unix_path(address: str) -> str | None:
 def _server_text(server: Directive, params: dict[str, str]) -> str:
     args = [server.args[0], *(p for p in server.args[1:] if "=" not in p or p.split("=", 1)[0] not in params)]
     args += [f"{k}={v}" for k, v in params.items()]
-    return f"server {' '.join(args)};"
+    return f"server {' '.join(quote(a) for a in args)};"
 
 
-def check_nginx(directives: list[Directive], app: App) -> list[Finding]:
-    findings: list[Finding] = []
+def _slot_lines(app: App, slots: list[int] | range) -> str:
+    return " ".join(f"server {quote('unix:' + app.slot_path(i))} max_fails=0;" for i in slots)
+
+
+def _http_blocks(directives: list[Directive]) -> tuple[list[Directive], Finding | None]:
+    """The http blocks; a file without one (a conf.d fragment) is read as the inside of one."""
+    blocks = [d for d in directives if d.name == "http" and d.block is not None]
+    if blocks or not directives:
+        return blocks, None
+    first = directives[0].file
+    files = sorted({d.file for d, _ in walk(directives)} - {first})
+    message = (
+        f"{first} has no `http` block: read as a fragment that nginx.conf includes inside `http {{ }}` "
+        "(its upstreams and servers checked as such; nginx's `user` and the http-level settings of nginx.conf "
+        "were not read)"
+    )
+    if files:
+        message += (
+            f"; its includes were read relative to its own directory ({', '.join(files)}), while nginx resolves a "
+            "relative include against its prefix (the directory of nginx.conf, e.g. /etc/nginx)"
+        )
+    return [Directive("http", (), first, 0, tuple(directives))], Finding("info", "fragment", first, None, message)
+
+
+def check_nginx(directives: list[Directive], app: App, version: Version | None = None) -> list[Finding]:
+    """``version``: nginx's, whose defaults apply; None when unknown (see the module's doc)."""
+    modern = None if version is None else version >= KEEPALIVE_BY_DEFAULT
+    blocks, fragment = _http_blocks(directives)
+    findings: list[Finding] = [fragment] if fragment else []
     upstreams: dict[str, _Upstream] = {}
-    for d, parents in walk(directives):
-        if d.name == "upstream" and [p.name for p in parents] == ["http"] and d.block is not None:
+    for http in blocks:
+        for d in http.block or ():
+            if d.name != "upstream" or d.block is None:
+                continue
             servers = d.children("server")
             ours = []
             for s in servers:
@@ -166,21 +176,25 @@ def check_nginx(directives: list[Directive], app: App) -> list[Finding]:
                 if kind is not None:
                     ours.append((s, *kind))
             if ours:
-                found = _Upstream(d, servers, ours)
+                lines = d.children("keepalive")
+                keepalive = (lines[-1].args[:1] != ("0",)) if lines else modern
+                found = _Upstream(d, servers, ours, keepalive)
                 upstreams[found.name.lower()] = found
                 findings += _check_upstream(found, app)
     proxied = False
-    for d, parents in walk(directives):
-        if d.name != "proxy_pass" or not d.args or not parents or parents[0].name != "http":
-            continue
-        target = re.sub(r"^https?://", "", d.args[0])
-        if (path := _unix_path(target)) is not None:
-            proxied = proxied or app.socket_kind(path.split(":", 1)[0]) is not None
-            continue
-        upstream = upstreams.get(re.split(r"[/:]", target, maxsplit=1)[0].lower())
-        if upstream is not None:
-            proxied = True
-            findings += _check_location(d, parents, upstream)
+    for http in blocks:
+        for d, inner in walk(http.block or ()):
+            if d.name != "proxy_pass" or not d.args:
+                continue
+            parents = (http, *inner)
+            target = re.sub(r"^https?://", "", d.args[0])
+            if (path := _unix_path(target)) is not None:
+                proxied = proxied or app.socket_kind(path.split(":", 1)[0]) is not None
+                continue
+            upstream = upstreams.get(re.split(r"[/:]", target, maxsplit=1)[0].lower())
+            if upstream is not None:
+                proxied = True
+                findings += _check_location(d, parents, upstream, modern)
     if not upstreams and not proxied:
         where = app.listen[0] if app.listen else app.slot_path(0)
         findings.append(
@@ -191,6 +205,20 @@ def check_nginx(directives: list[Directive], app: App) -> list[Finding]:
                 None,
                 f"nginx's configuration names none of this app's sockets (such as unix:{where}); "
                 "is this the nginx in front of it?",
+                None,
+            )
+        )
+    if upstreams and version is None:
+        findings.append(
+            Finding(
+                "info",
+                "nginx_version",
+                None,
+                None,
+                "nginx's version is unknown (give it with --nginx-version X.Y.Z): checked with the defaults of nginx "
+                "before 1.29.7 (HTTP/1.0 and `Connection: close` to upstreams, keep-alive only with `keepalive`); "
+                "an upstream without `keepalive` is also checked as 1.29.7 and later use it (keepalive 32 by "
+                "default), as a warning",
                 None,
             )
         )
@@ -216,7 +244,7 @@ def _check_upstream(upstream: _Upstream, app: App) -> list[Finding]:
                     server.line,
                     f"upstream {name} lists a worker's own socket, which is gone after the next restart; "
                     "list the slots' symlinks instead",
-                    " ".join(f"server unix:{app.slot_path(i)} max_fails=0;" for i in range(app.workers)),
+                    _slot_lines(app, range(app.workers)),
                 )
             )
     if len(upstream.servers) > 1:
@@ -261,7 +289,7 @@ def _check_upstream(upstream: _Upstream, app: App) -> list[Finding]:
                     upstream.block.line,
                     f"upstream {name} does not list slot(s) {', '.join(map(str, missing))}: "
                     "those workers get no traffic",
-                    " ".join(f"server unix:{app.slot_path(i)} max_fails=0;" for i in missing),
+                    _slot_lines(app, missing),
                 )
             )
     findings += _check_keepalive_timeout(upstream, app)
@@ -269,48 +297,62 @@ def _check_upstream(upstream: _Upstream, app: App) -> list[Finding]:
 
 
 def _check_keepalive_timeout(upstream: _Upstream, app: App) -> list[Finding]:
-    keepalive = upstream.block.children("keepalive")
-    if not keepalive:
+    if upstream.keepalive is False or app.keepalive is None:
         return []
+    keepalive = upstream.block.children("keepalive")
     timeout_lines = upstream.block.children("keepalive_timeout")
-    at = timeout_lines[-1] if timeout_lines else keepalive[-1]
-    nginx_timeout = (
-        (nginx_time(timeout_lines[-1].args[0]) if timeout_lines[-1].args else None) if timeout_lines else None
-    )
+    at = timeout_lines[-1] if timeout_lines else keepalive[-1] if keepalive else upstream.block
+    nginx_timeout = nginx_time(timeout_lines[-1].args[0]) if timeout_lines and timeout_lines[-1].args else None
     nginx_timeout = NGINX_KEEPALIVE_TIMEOUT if nginx_timeout is None else nginx_timeout
     shown = f"{nginx_timeout:g}s" + ("" if timeout_lines else " (nginx's default)")
-    if app.keepalive is None:
-        if not app.keepalive_unknown:
-            return []
+    name = upstream.name
+    if keepalive:
+        keeps = f"upstream {name} keeps idle connections for {shown}"
+    elif upstream.keepalive is None:
+        keeps = (
+            f"if nginx is 1.29.7 or later, upstream {name} keeps idle connections (keepalive 32 by default) for {shown}"
+        )
+    else:
+        keeps = f"upstream {name} keeps idle connections (nginx's default keepalive 32) for {shown}"
+    worker = app.keepalive
+    if worker.timeout is None:
         return [
             Finding(
                 "info",
                 "keepalive_timeout",
                 at.file,
                 at.line,
-                f"upstream {upstream.name} keeps idle connections for {shown}; the worker's command does not say "
-                "how long it keeps them: it must be longer, or nginx reuses connections the worker is closing",
+                f"{keeps}; how long the worker{f' ({worker.server})' if worker.server else ''} keeps them is unknown "
+                f"({worker.unknown}): it must be longer, or nginx reuses connections the worker is closing",
                 None,
             )
         ]
-    server, worker_timeout = app.keepalive
-    if worker_timeout > nginx_timeout:
+    if worker.timeout > nginx_timeout:
         return []
-    below = max(1, int(worker_timeout) - 1)
-    option = "--keep-alive" if server in ("gunicorn", "hypercorn") else "--timeout-keep-alive"
+    raise_to = worker.raise_with.replace("{seconds}", str(math.floor(nginx_timeout) + 15)) if worker.raise_with else ""
+    lower = f"keepalive_timeout {_below(worker.timeout)}; (in upstream {name})"
+    if worker.timeout <= 2 and raise_to:  # a shorter pool than that saves little: keep connections longer instead
+        fix = f"run the worker with {raise_to}, or {lower}"
+    else:
+        fix = lower + (f", or run the worker with {raise_to}" if raise_to else "")
     return [
         Finding(
-            "error",
+            "error" if upstream.keepalive else "warning",
             "keepalive_timeout",
             at.file,
             at.line,
-            f"upstream {upstream.name} keeps idle connections for {shown}, but the worker ({server}) closes them "
-            f"after {worker_timeout:g}s: nginx writes requests into connections the worker is closing (502 for "
-            "requests it cannot retry)",
-            f"keepalive_timeout {below}s; (in upstream {upstream.name}), or run the worker with "
-            f"{option} {int(nginx_timeout) + 15}",
+            f"{keeps}, but the worker ({worker.server}) closes them after {worker.timeout:g}s: nginx writes requests "
+            "into connections the worker is closing (502 for requests it cannot retry)",
+            fix,
         )
     ]
+
+
+def _below(seconds: float) -> str:
+    """An nginx time strictly below ``seconds``: a second less, or half of it under 2 s."""
+    if seconds >= 2:
+        return f"{math.ceil(seconds) - 1}s"
+    return f"{max(1, int(seconds * 500))}ms"
 
 
 def _effective(parents: tuple[Directive, ...], name: str) -> list[Directive]:
@@ -323,7 +365,9 @@ def _effective(parents: tuple[Directive, ...], name: str) -> list[Directive]:
     return []
 
 
-def _check_location(proxy_pass: Directive, parents: tuple[Directive, ...], upstream: _Upstream) -> list[Finding]:
+def _check_location(
+    proxy_pass: Directive, parents: tuple[Directive, ...], upstream: _Upstream, modern: bool | None
+) -> list[Finding]:
     findings = []
     name = upstream.name
     next_upstream = _effective(parents, "proxy_next_upstream")
@@ -342,10 +386,11 @@ def _check_location(proxy_pass: Directive, parents: tuple[Directive, ...], upstr
                 f"proxy_next_upstream {' '.join(['error', 'timeout', *kept])};",
             )
         )
-    if not upstream.block.children("keepalive"):
+    if not upstream.keepalive:  # off, or on only if nginx is 1.29.7+, whose defaults keep it on
         return findings
+    old = "" if modern else " (nginx's default before 1.29.7)"
     version = _effective(parents, "proxy_http_version")
-    if not version or version[-1].args != ("1.1",):
+    if (version[-1].args[:1] if version else ("1.1",) if modern else ("1.0",)) == ("1.0",):
         at = version[-1] if version else proxy_pass
         findings.append(
             Finding(
@@ -353,8 +398,8 @@ def _check_location(proxy_pass: Directive, parents: tuple[Directive, ...], upstr
                 "keepalive_http_version",
                 at.file,
                 at.line,
-                f"upstream {name} has keepalive, but nginx talks HTTP/1.0 to it here: every request opens and "
-                "closes a connection",
+                f"upstream {name} keeps connections, but nginx talks HTTP/1.0{'' if version else old} to it here: "
+                "every request opens and closes a connection",
                 "proxy_http_version 1.1;" + ("" if version else " (in this location)"),
             )
         )
@@ -363,18 +408,22 @@ def _check_location(proxy_pass: Directive, parents: tuple[Directive, ...], upstr
     fix = 'proxy_set_header Connection "";'
     if connection:
         value = connection[-1].args[1] if len(connection[-1].args) > 1 else ""
-        if value and "$" not in value:
+        closes = _connection_closes(value, parents[0])
+        if closes is not None:
+            how, closes_fix = closes
             findings.append(
                 Finding(
                     "warning",
                     "keepalive_connection",
                     connection[-1].file,
                     connection[-1].line,
-                    f"upstream {name} has keepalive, but this sends `Connection: {value}` to it, so the worker closes "
-                    "every connection",
-                    fix,
+                    f"upstream {name} keeps connections, but this sends `Connection: close` to it{how}, so the "
+                    "worker closes them",
+                    closes_fix or fix,
                 )
             )
+    elif modern:
+        pass  # nginx 1.29.7 and later send no Connection header by default
     elif headers:
         outer = [
             h
@@ -394,8 +443,8 @@ def _check_location(proxy_pass: Directive, parents: tuple[Directive, ...], upstr
                 "keepalive_connection",
                 headers[0].file,
                 headers[0].line,
-                f"upstream {name} has keepalive, but the proxy_set_header lines that apply to proxy_pass at "
-                f"{proxy_pass.where} do not clear Connection, so nginx sends `Connection: close`{inherited}",
+                f"upstream {name} keeps connections, but the proxy_set_header lines that apply to proxy_pass at "
+                f"{proxy_pass.where} do not clear Connection, so nginx sends `Connection: close`{old}{inherited}",
                 fix + " (next to this line)",
             )
         )
@@ -406,8 +455,47 @@ def _check_location(proxy_pass: Directive, parents: tuple[Directive, ...], upstr
                 "keepalive_connection",
                 proxy_pass.file,
                 proxy_pass.line,
-                f"upstream {name} has keepalive, but nginx sends `Connection: close` to it here",
+                f"upstream {name} keeps connections, but nginx sends `Connection: close`{old} to it here",
                 fix + " (in this location)",
             )
         )
     return findings
+
+
+def _connection_closes(value: str, http: Directive) -> tuple[str, str] | None:
+    """When ``proxy_set_header Connection VALUE`` asks for ``close``: (for which requests,
+    the fix, "" for the usual one), else None. A variable set by a ``map`` on a request
+    header (``$connection_upgrade`` from ``$http_upgrade``) is what its ``''`` entry, else
+    its ``default``, gives for a request without that header, as nginx's map matches."""
+    variable = re.fullmatch(r"\$(?:\{(\w+)\}|(\w+))", value)
+    if variable is None:
+        return ("", "") if "close" in value.lower() else None
+    name = "$" + (variable[1] or variable[2])
+    maps = [m for m in http.children("map") if m.block is not None and m.args[1:2] == (name,)]
+    if not maps or not maps[-1].args[0].startswith("$http_"):
+        return None  # not a map on a request header: what it gives is not known here
+    the_map = maps[-1]
+    entries = [e for e in the_map.block or () if e.name not in ("hostnames", "volatile") and e.args]
+    exact = [e for e in entries if e.name == ""]
+    regexes = [e for e in entries if e.name.startswith("~") and _matches_empty(e.name)]
+    default = [e for e in entries if e.name == "default"]
+    # nginx's order: an exact key, then the first regex that matches, then default
+    chosen = exact or regexes or default
+    if not chosen or "close" not in chosen[0].args[0].lower():
+        return None  # no entry: the value is empty
+    result, where = chosen[0].args[0], chosen[0].where
+    header = the_map.args[0].removeprefix("$http_").replace("_", "-").title()
+    return (
+        f" for every request without the {header} header (the map at {where} gives `{result}`)",
+        f"'' \"\"; in the map at {the_map.where}: requests without the {header} header then keep the connection, "
+        "the others still get what the map gives them",
+    )
+
+
+def _matches_empty(key: str) -> bool:
+    """Whether a map's regex key (``~re`` or ``~*re``) matches an empty value."""
+    pattern = key[2:] if key.startswith("~*") else key[1:]
+    try:
+        return re.search(pattern, "") is not None
+    except re.error:
+        return False

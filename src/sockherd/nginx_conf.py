@@ -11,6 +11,12 @@ are special only where a token starts; a word ends at whitespace, ``;`` or ``{``
 ``${var}`` stays one word, as does ``a}``); a backslash keeps the next character in the
 word; in every token ``\\"``, ``\\'`` and ``\\\\`` stand for the character and
 ``\\t``, ``\\r``, ``\\n`` for tab, CR and LF, while other backslashes stay as written.
+
+OpenResty's ``*_by_lua_block { ... }`` holds Lua, not nginx syntax (``{1,2}``, ``#t``,
+``'a; b'``): as lua-nginx-module does, the balanced block is skipped with a small Lua
+lexer (strings with escapes, long brackets ``[[...]]``/``[=[...]=]``, ``--`` and
+``--[[...]]`` comments) and becomes the directive's last argument, so
+``content_by_lua_block { ... }`` reads as ``content_by_lua_block "<lua>";``.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Final
 
-__all__ = ["Directive", "NginxConfError", "is_dump", "parse_dump", "parse_file", "parse_text", "walk"]
+__all__ = ["Directive", "NginxConfError", "is_dump", "parse_dump", "parse_file", "parse_text", "quote", "walk"]
 
 DUMP_HEADER: Final = re.compile(r"^# configuration file (?P<path>.+):$")
 MAX_INCLUDE_DEPTH: Final = 32
 _ESCAPES: Final = {'"': '"', "'": "'", "\\": "\\", "t": "\t", "r": "\r", "n": "\n"}
 _GLOB_CHARS: Final = frozenset("*?[")
+LUA_BLOCK_SUFFIX: Final = "_by_lua_block"
+_LUA_LONG_OPEN: Final = re.compile(r"\[(=*)\[")
 
 
 class NginxConfError(Exception):
@@ -58,10 +66,11 @@ class Directive:
 
     def text(self) -> str:
         """The directive as it would be written (without its block)."""
-        return " ".join([self.name, *(_quote(arg) for arg in self.args)]) + ("" if self.block is None else " {")
+        return " ".join([self.name, *(quote(arg) for arg in self.args)]) + ("" if self.block is None else " {")
 
 
-def _quote(arg: str) -> str:
+def quote(arg: str) -> str:
+    """``arg`` as nginx reads it back: bare when it can be, else double-quoted."""
     if arg and not re.search(r"[\s;{}\"'#\\]", arg):
         return arg
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -76,6 +85,7 @@ class _Token:
 
 def tokenize(text: str, file: str) -> Iterator[_Token]:
     i, line, n = 0, 1, len(text)
+    first: str | None = None  # the current directive's name, once read
     while i < n:
         ch = text[i]
         if ch == "\n":
@@ -86,44 +96,100 @@ def tokenize(text: str, file: str) -> Iterator[_Token]:
         elif ch == "#":
             end = text.find("\n", i)
             i = n if end < 0 else end
+        elif ch == "{" and first is not None and first.endswith(LUA_BLOCK_SUFFIX):
+            end = _lua_block_end(text, i + 1, file, line)
+            yield _Token("word", text[i + 1 : end - 1], line)
+            line += text.count("\n", i, end)
+            yield _Token(";", ";", line)
+            i, first = end, None
         elif ch in ";{}":
             yield _Token(ch, ch, line)
-            i += 1
-        elif ch in "\"'":
-            start_line = line
-            j = i + 1
-            while j < n and text[j] != ch:
-                if text[j] == "\\" and j + 1 < n:
-                    j += 1
-                if text[j] == "\n":
-                    line += 1
-                j += 1
-            if j >= n:
-                raise NginxConfError(
-                    file, start_line, f"unexpected end of file: the string opened with {ch} here is not closed"
-                )
-            if j + 1 < n and text[j + 1] not in " \t\r\n;{)":
-                raise NginxConfError(file, line, f'unexpected "{text[j + 1]}" after a quoted string')
-            yield _Token("word", _unescape(text[i + 1 : j]), start_line)
-            i = j + 1
+            i, first = i + 1, None
         else:
-            j, variable = i, False
-            while j < n:
-                c = text[j]
-                if c == "{" and variable:
-                    j += 1
-                    continue
-                variable = c == "$"
-                if c == "\\" and j + 1 < n:
-                    if text[j + 1] == "\n":
-                        line += 1
-                    j += 2
-                    continue
-                if c in " \t\r\n;{":
-                    break
-                j += 1
-            yield _Token("word", _unescape(text[i:j]), line)
-            i = j
+            start_line = line
+            value, i, line = _quoted(text, i, file, line) if ch in "\"'" else _word(text, i, line)
+            first = value if first is None else first
+            yield _Token("word", _unescape(value), start_line)
+
+
+def _quoted(text: str, i: int, file: str, line: int) -> tuple[str, int, int]:
+    """The string opened by the quote at ``i``: its raw text, the index past it, the line there."""
+    n, quote_char, start_line = len(text), text[i], line
+    j = i + 1
+    while j < n and text[j] != quote_char:
+        if text[j] == "\\" and j + 1 < n:
+            j += 1
+        if text[j] == "\n":
+            line += 1
+        j += 1
+    if j >= n:
+        raise NginxConfError(
+            file, start_line, f"unexpected end of file: the string opened with {quote_char} here is not closed"
+        )
+    if j + 1 < n and text[j + 1] not in " \t\r\n;{)":
+        raise NginxConfError(file, line, f'unexpected "{text[j + 1]}" after a quoted string')
+    return text[i + 1 : j], j + 1, line
+
+
+def _word(text: str, i: int, line: int) -> tuple[str, int, int]:
+    """The bare word at ``i``: its raw text, the index past it, the line there."""
+    n, j, variable = len(text), i, False
+    while j < n:
+        c = text[j]
+        if c == "{" and variable:
+            j += 1
+            continue
+        variable = c == "$"
+        if c == "\\" and j + 1 < n:
+            if text[j + 1] == "\n":
+                line += 1
+            j += 2
+            continue
+        if c in " \t\r\n;{":
+            break
+        j += 1
+    return text[i:j], j, line
+
+
+def _lua_block_end(text: str, i: int, file: str, line: int) -> int:
+    """From just after a Lua block's ``{`` (on ``line``): the index just past its closing
+    ``}``, skipping Lua strings, long brackets and comments as Lua reads them."""
+    n, depth = len(text), 1
+    while i < n:
+        ch = text[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        elif ch == "-" and text.startswith("--", i):
+            long = _LUA_LONG_OPEN.match(text, i + 2)
+            if long:  # --[[ ... ]] or --[==[ ... ]==]
+                i = _lua_long_end(text, long.end(), long[1], file, line)
+            else:
+                end = text.find("\n", i)
+                i = n if end < 0 else end
+            continue
+        elif ch == "[" and (long := _LUA_LONG_OPEN.match(text, i)):
+            i = _lua_long_end(text, long.end(), long[1], file, line)
+            continue
+        elif ch in "\"'":
+            i += 1
+            while i < n and text[i] != ch:
+                i += 2 if text[i] == "\\" else 1
+            if i >= n:
+                break
+        i += 1
+    raise NginxConfError(file, line, "unexpected end of file: the Lua block opened here is not closed")
+
+
+def _lua_long_end(text: str, i: int, level: str, file: str, line: int) -> int:
+    """The index just past the ``]=*]`` that closes a long bracket opened with ``level`` ``=``s."""
+    end = text.find("]" + level + "]", i)
+    if end < 0:
+        raise NginxConfError(file, line, "unexpected end of file: the Lua block opened here is not closed")
+    return end + len(level) + 2
 
 
 def _unescape(raw: str) -> str:

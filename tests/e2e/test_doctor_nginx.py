@@ -73,11 +73,20 @@ def test_doctor_reads_nginx_dash_t_and_flags_each_mistake_at_its_file_and_line(
         ("warning", "keepalive_connection", str(site), 11),  # its own proxy_set_header hides line 9's
         ("info", "daemon", str(daemon.ipc), None),
         ("info", "keepalive_timeout", str(site), 4),  # tinyapp's keep-alive cannot be read from its command
+        ("info", "nginx_version", None, None),  # a file says nothing of it: the defaults before 1.29.7 assumed
     ]
     assert f"{site}:9 is not inherited" in findings[2]["message"]
     assert "a daemon answers" in findings[3]["message"]  # live sockets: nothing stale, nginx (root) reaches them
     # The file itself, with its include, reads the same: same files, same lines.
     assert doctor(daemon, "--nginx", str(conf)) == (code, findings)
+    # The conf.d file alone (no http block) is read as the inside of one: the same nginx findings.
+    fragment_code, from_fragment = doctor(daemon, "--nginx", str(site))
+    nginx_checks = {"max_fails", "keepalive_connection", "keepalive_timeout", "nginx_version"}
+    assert fragment_code == 1
+    assert [f for f in from_fragment if f["check"] in nginx_checks] == [
+        f for f in findings if f["check"] in nginx_checks
+    ]
+    assert [(f["check"], f["file"]) for f in from_fragment if f["check"] == "fragment"] == [("fragment", str(site))]
 
 
 def test_the_configuration_the_suite_serves_through_has_no_finding(

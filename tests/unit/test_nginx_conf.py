@@ -43,7 +43,9 @@ e ${var}x a} \;semi;
 def test_include_globs_relative_to_the_main_files_directory(tmp_path: Path) -> None:
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "conf.d" / "b.conf").write_text("# b\nupstream b { server unix:/b.sock; }\n")
-    (tmp_path / "conf.d" / "a.conf").write_text("upstream a {\n  server unix:/a.sock;\n}\n")
+    # an include inside an included file is relative to the main file's directory too, as nginx -c does
+    (tmp_path / "conf.d" / "a.conf").write_text("upstream a {\n  server unix:/a.sock;\n}\ninclude params;\n")
+    (tmp_path / "conf.d" / "params").write_text("wrong_params_read;\n")  # the including file's directory: not read
     (tmp_path / "conf.d" / "skip.txt").write_text("not parsed {")
     (tmp_path / "params").write_text("\n\nproxy_http_version 1.1;\n")
     (tmp_path / "nginx.conf").write_text(
@@ -51,14 +53,66 @@ def test_include_globs_relative_to_the_main_files_directory(tmp_path: Path) -> N
     )
     directives, files = parse_file(tmp_path / "nginx.conf")
     a, b, params = (str(tmp_path / "conf.d" / "a.conf"), str(tmp_path / "conf.d" / "b.conf"), str(tmp_path / "params"))
-    assert files == [str(tmp_path / "nginx.conf"), a, b, params]
+    assert files == [str(tmp_path / "nginx.conf"), a, params, b]
     assert flat(directives)[1:] == [
         ("upstream", ("a",), a, 1),
         ("server", ("unix:/a.sock",), a, 2),
+        ("proxy_http_version", ("1.1",), params, 3),
         ("upstream", ("b",), b, 2),
         ("server", ("unix:/b.sock",), b, 2),
         ("proxy_http_version", ("1.1",), params, 3),
     ]
+
+
+LUA = r"""
+http {
+    server {
+        location /t {
+            content_by_lua_block {
+                local t = {1,2}  -- a table: { } are Lua here; # is the length operator
+                ngx.say(#t, 'a; b', "}", "say \"}\"", '\'{')
+                local s = [[ } { ]] .. [==[ ]] } ]=] ]==]
+                --[[ a long comment with } and ;
+                     on two lines ]]
+                --[=[ another ]] } ]=]
+                if #t > 1 then ngx.say("}") end
+            }
+            set_by_lua_block $answer { return 32 + #({1}) }
+        }
+        location /after {  # <- after
+            proxy_pass http://a;
+        }
+    }
+}
+"""
+
+
+def test_lua_blocks_are_skipped_as_lua_and_what_follows_keeps_its_line() -> None:
+    found = flat(parse_text(LUA, "lua.conf"))
+    names = [(name, line) for name, _, _, line in found]
+    after = next(n for n, text in enumerate(LUA.splitlines(), 1) if "<- after" in text)
+    assert names == [
+        ("http", 2),
+        ("server", 3),
+        ("location", 4),
+        ("content_by_lua_block", 5),
+        ("set_by_lua_block", 14),
+        ("location", after),
+        ("proxy_pass", after + 1),
+    ]
+    content = next(args for name, args, _, _ in found if name == "content_by_lua_block")
+    assert content[0].strip().startswith("local t = {1,2}") and content[0].rstrip().endswith('ngx.say("}") end')
+    assert next(args for name, args, _, _ in found if name == "set_by_lua_block") == ("$answer", " return 32 + #({1}) ")
+
+
+@pytest.mark.parametrize("lua", ["{ ngx.say('x') ", "{ local s = [[ } ", "{ --[==[ } ]] } ", "{ x = '}"])
+def test_an_unclosed_lua_block_names_its_line(lua: str) -> None:
+    with pytest.raises(NginxConfError) as caught:
+        parse_text(f"http {{\n  access_by_lua_block {lua}\n", "lua.conf", prefix="/nonexistent")
+    assert (caught.value.line, caught.value.reason) == (
+        2,
+        "unexpected end of file: the Lua block opened here is not closed",
+    )
 
 
 def test_nginx_dash_t_dump_keeps_each_files_name_and_lines() -> None:

@@ -203,33 +203,106 @@ def prepare_tmp_dir(tmp_dir: Path, group: int | None = None) -> bool:
             os.chmod(tmp_dir, 0o2750, follow_symlinks=False)  # noqa: S103 - group r-x, setgid: nginx reads
     except OSError as exc:
         raise TmpDirError(f"tmp_dir {tmp_dir}: cannot create it: {exc.strerror}") from None
+    problems = tmp_dir_problems(tmp_dir, uid)
+    if problems:
+        raise TmpDirError(problems[0].message)
+    return created
+
+
+@dataclass(frozen=True, slots=True)
+class TmpDirProblem:
+    """One reason the daemon refuses tmp_dir (``sockherd doctor`` reports each)."""
+
+    kind: str  # symlink, not_a_directory, owner, writable_by_others, writable_by_group, parent_owner,
+    #            parent_writable, not_writable
+    path: Path  # what to change: tmp_dir, or the directory above it
+    message: str  # what the daemon says when it refuses tmp_dir for this
+
+
+def tmp_dir_problems(tmp_dir: Path, uid: int) -> list[TmpDirProblem]:
+    """Why a daemon running as ``uid`` refuses the existing ``tmp_dir`` (see prepare_tmp_dir),
+    the reason it reports first, first; [] when it accepts it. Reads only, changes nothing."""
     st = os.lstat(tmp_dir)
     if stat.S_ISLNK(st.st_mode):
-        raise TmpDirError(
-            f"tmp_dir {tmp_dir}: is a symlink, which whoever owns it could repoint; "
-            f"configure the real directory ({os.path.realpath(tmp_dir)}) instead"
-        )
+        return [
+            TmpDirProblem(
+                "symlink",
+                tmp_dir,
+                f"tmp_dir {tmp_dir}: is a symlink, which whoever owns it could repoint; "
+                f"configure the real directory ({os.path.realpath(tmp_dir)}) instead",
+            )
+        ]
     if not stat.S_ISDIR(st.st_mode):
-        raise TmpDirError(f"tmp_dir {tmp_dir}: not a directory")
+        return [TmpDirProblem("not_a_directory", tmp_dir, f"tmp_dir {tmp_dir}: not a directory")]
+    problems: list[TmpDirProblem] = []
     if st.st_uid not in (uid, 0):
-        raise TmpDirError(
-            f"tmp_dir {tmp_dir}: owned by uid {st.st_uid}, not by this user (uid {uid}) or root; "
-            f"use a directory of the daemon's own (e.g. `install -d -m 2750 -o {uid} -g <nginx group> {tmp_dir}`)"
+        problems.append(
+            TmpDirProblem(
+                "owner",
+                tmp_dir,
+                f"tmp_dir {tmp_dir}: owned by uid {st.st_uid}, not by this user (uid {uid}) or root; use a directory "
+                f"of the daemon's own (e.g. `install -d -m 2750 -o {uid} -g <nginx group> {tmp_dir}`)",
+            )
         )
     mode = stat.S_IMODE(st.st_mode)
     if st.st_mode & stat.S_IWOTH:
-        raise TmpDirError(
-            f"tmp_dir {tmp_dir}: writable by every user (mode {mode:o}); use a directory of its own with mode 2750"
+        problems.append(
+            TmpDirProblem(
+                "writable_by_others",
+                tmp_dir,
+                f"tmp_dir {tmp_dir}: writable by every user (mode {mode:o}); use a directory of its own with mode 2750",
+            )
         )
-    if st.st_mode & stat.S_IWGRP:
-        raise TmpDirError(
-            f"tmp_dir {tmp_dir}: writable by its group (mode {mode:o}), whose members could swap sockets for "
-            "symlinks; nginx's group needs only to read it: `chmod 2750` it"
+    elif st.st_mode & stat.S_IWGRP:
+        problems.append(
+            TmpDirProblem(
+                "writable_by_group",
+                tmp_dir,
+                f"tmp_dir {tmp_dir}: writable by its group (mode {mode:o}), whose members could swap sockets for "
+                "symlinks; nginx's group needs only to read it: `chmod 2750` it",
+            )
         )
-    _check_parents(tmp_dir, uid)
-    if not os.access(tmp_dir, os.W_OK | os.X_OK):
-        raise TmpDirError(f"tmp_dir {tmp_dir}: not writable by this user (uid {uid})")
-    return created
+    for parent in Path(os.path.realpath(tmp_dir)).parents:
+        pst = os.stat(parent)
+        if pst.st_uid not in (uid, 0):
+            problems.append(
+                TmpDirProblem(
+                    "parent_owner",
+                    parent,
+                    f"tmp_dir {tmp_dir}: {parent} above it belongs to uid {pst.st_uid}, who could replace tmp_dir "
+                    "with a directory of their own; put tmp_dir under a directory of root's or the daemon's user",
+                )
+            )
+        elif pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
+            problems.append(
+                TmpDirProblem(
+                    "parent_writable",
+                    parent,
+                    f"tmp_dir {tmp_dir}: {parent} above it is writable by others (mode {stat.S_IMODE(pst.st_mode):o}, "
+                    "not sticky), who could rename tmp_dir away; put tmp_dir elsewhere, such as /run/<app>",
+                )
+            )
+    if not _may_write(tmp_dir, st, uid):
+        problems.append(
+            TmpDirProblem("not_writable", tmp_dir, f"tmp_dir {tmp_dir}: not writable by this user (uid {uid})")
+        )
+    return problems
+
+
+def _may_write(tmp_dir: Path, st: os.stat_result, uid: int) -> bool:
+    """Whether ``uid`` may create entries in tmp_dir: os.access for this process (ACLs and
+    all), else the mode bits as that user (its groups: owner bits, group bits, other bits)."""
+    if uid == os.getuid():
+        return os.access(tmp_dir, os.W_OK | os.X_OK)
+    if uid == 0:
+        return True
+    try:
+        entry = pwd.getpwuid(uid)
+        groups = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem)}
+    except KeyError:
+        groups = set()
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid in groups else 0
+    return st.st_mode >> shift & 0o3 == 0o3
 
 
 NGINX_USERS = ("www-data", "nginx", "http")  # Debian/Ubuntu, RHEL/Alpine, Arch
@@ -274,18 +347,3 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
-
-
-def _check_parents(tmp_dir: Path, uid: int) -> None:
-    for parent in Path(os.path.realpath(tmp_dir)).parents:
-        st = os.stat(parent)
-        if st.st_uid not in (uid, 0):
-            raise TmpDirError(
-                f"tmp_dir {tmp_dir}: {parent} above it belongs to uid {st.st_uid}, who could replace tmp_dir "
-                "with a directory of their own; put tmp_dir under a directory of root's or the daemon's user"
-            )
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-            raise TmpDirError(
-                f"tmp_dir {tmp_dir}: {parent} above it is writable by others (mode {stat.S_IMODE(st.st_mode):o}, "
-                "not sticky), who could rename tmp_dir away; put tmp_dir elsewhere, such as /run/<app>"
-            )

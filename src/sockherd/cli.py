@@ -10,13 +10,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from sockherd import __version__, cli_messaging
 from sockherd.client import Client, CommandFailed, DaemonUnreachable, RequestFailed
 from sockherd.config import Config, ConfigError, load_config
+from sockherd.status_table import colour_wanted, format_status
+
+__all__ = ["build_parser", "format_status", "health_problems", "main"]  # format_status: status_table's
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 DEV_SERVER_DEFAULT = -1  # `--dev-server` given without a port
@@ -122,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--nginx", metavar="PATH", help="nginx's config file, a saved `nginx -T`, or - for stdin (default: nginx -T)"
     )
+    doctor.add_argument(
+        "--nginx-version",
+        metavar="X.Y.Z",
+        help="nginx's version, for --nginx PATH (its defaults changed in 1.29.7; default: nginx -v)",
+    )
     doctor.add_argument("--json", action="store_true", help="the findings as a JSON list")
     return parser
 
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("doctor reads the config: give it with -c, not -i")
             from sockherd import doctor
 
-            return doctor.main(args.config, nginx=args.nginx, as_json=args.json)
+            return doctor.main(args.config, nginx=args.nginx, as_json=args.json, nginx_version=args.nginx_version)
         return _run_client_command(args)
     except ConfigError as exc:
         print(f"sockherd: {exc}", file=sys.stderr)
@@ -247,10 +254,11 @@ def _run_client_command(args: argparse.Namespace) -> int:
         if args.command == "status" and args.watch is not None:
             from sockherd.cli_watch import watch
 
-            return watch(client, max(args.watch, 0.1), lambda status: format_status(status).splitlines()[0])
+            return watch(client, max(args.watch, 0.1))
         if args.command == "status":
             status = client.call("status")
-            print(json.dumps(status, indent=2) if args.json else format_status(status))
+            colour = colour_wanted(sys.stdout)
+            print(json.dumps(status, indent=2) if args.json else format_status(status, colour=colour))
             return 0
         if args.command == "config":
             print(json.dumps(client.call("config"), indent=2))
@@ -378,66 +386,3 @@ def health_problems(status: dict[str, Any]) -> list[str]:
         elif worker["generation"] != d["generation"] and not d.get("canary"):
             problems.append(f"slot {index} serves generation {worker['generation']}, not {d['generation']}")
     return problems
-
-
-def _age(since: float | None) -> str:
-    if since is None:
-        return "-"
-    seconds = int(time.time() - since)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def format_status(status: dict[str, Any]) -> str:
-    d = status["daemon"]
-    lines = [
-        f"{d['name']}: daemon pid {d['pid']} ({d['state']}{', suspended' if d.get('suspended') else ''}), "
-        f"generation {d['generation'] or '-'}, {d['workers']} worker(s)"
-        + (f" + {d['standby']} standby" if d.get("standby") else "")
-        + f", up {_age(d['started_at'])}"
-        + (f", {d['operation']} in progress" if d.get("operation") else "")
-    ]
-    header = ("ID", "PID", "INDEX", "STATE", "GEN", "UPTIME", "RESTARTS", "SYMLINK")
-    rows = [
-        (
-            w["id"],
-            str(w["pid"]),
-            "standby" if w["index"] is None else str(w["index"]),
-            w["state"]
-            + (f" ({w['broken_reason']})" if w.get("broken_reason") else "")
-            + (" (kept)" if w.get("kept") else ""),
-            str(w["generation"]),
-            _age(w["started_at"]),
-            str(w["restarts"]),
-            Path(w["symlink"]).name if w.get("symlink") else "-",
-        )
-        for w in status["workers"]
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines += [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    if kept := d.get("kept"):
-        left = f", {max(0, int(kept['until'] - time.time()))}s left" if kept.get("until") else ""
-        lines.append(
-            f"kept: generation {kept['generation']} ({len(kept['pids'])} worker(s){left}, "
-            f"{kept['rss'] >> 20} MiB): `sockherd rollback` goes back to it"
-        )
-    if canary := d.get("canary"):
-        slots = ", ".join(str(i) for i in canary["slots"])
-        lines.append(f"canary: generation {canary['generation']} on slot(s) {slots}: `sockherd promote` or `rollback`")
-    if d.get("rolled_back"):
-        lines.append(d["rolled_back"])
-    for slot in status.get("slots", []):
-        if slot.get("next_attempt_at"):
-            wait = max(0.0, slot["next_attempt_at"] - time.time())
-            lines.append(
-                f"slot {slot['index']}: crash loop ({slot['crash_loop']} in a row), next attempt in {wait:.1f}s"
-            )
-    return "\n".join(lines)

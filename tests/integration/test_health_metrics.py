@@ -3,6 +3,9 @@ daemon as a container's PID 1."""
 
 from __future__ import annotations
 
+import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +127,47 @@ def test_status_watch_without_a_terminal_prints_plain_tables(start_daemon: Daemo
     text = "".join(lines)
     assert "\x1b" not in text  # no escapes into a pipe
     assert text.count("ID  ") >= 2
+
+
+def _on_a_terminal(argv: list[str], env: dict[str, str]) -> str:
+    """What ``argv`` writes to a pseudo-terminal, until it exits."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI on a pseudo-terminal, as in a user's terminal
+        os.execve(argv[0], argv, env)
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the child exited and the terminal closed
+                break
+            if not chunk:
+                break
+            screen += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, screen
+    return screen.decode()
+
+
+def test_plain_status_lists_memory_cpu_and_warnings_in_colour_only_on_a_terminal(
+    start_daemon: DaemonFactory,
+) -> None:
+    daemon = start_daemon(
+        {"command": [sys.executable, "small_backlog.py"], "cwd": str(APPS), "ready": "socket", "workers": 1}
+    )
+    daemon.wait_ready(1)
+    piped = daemon.cli("status")
+    assert piped.returncode == 0, piped.stderr
+    assert "\x1b" not in piped.stdout  # no escapes into a pipe
+    _, header, row, warning = piped.stdout.splitlines()
+    assert header.split() == ["ID", "PID", "INDEX", "STATE", "GEN", "UPTIME", "RESTARTS", "SYMLINK", "RSS", "CPU"]
+    assert re.fullmatch(r"\d+\.\dMiB", row.split()[-2]) and re.fullmatch(r"\d+\.\d%", row.split()[-1])
+    assert warning.startswith("! worker #0 (") and "listens with a backlog of 5, far below backlog" in warning
+
+    argv = [sys.executable, "-m", "sockherd", "status", "-c", str(daemon.config_path)]
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    screen = _on_a_terminal(argv, env)
+    assert "\x1b[32monline\x1b[0m" in screen and "\x1b[33m! worker #0 (" in screen  # colour on a terminal
+    assert "\x1b" not in _on_a_terminal(argv, {**env, "NO_COLOR": "1"})

@@ -176,6 +176,15 @@ class ResumeState:
         release()
         return True
 
+    def begin(self, *, suspended: bool, index: int | None) -> None:
+        """A worker forked from a preloaded generation starts: its fork server recorded the
+        resume hooks without running them (it is no worker); they run now unless this
+        worker starts suspended."""
+        with self._lock:
+            self._index = index
+        if not suspended:
+            self.resume(index)
+
     def resume_deferred(self, index: int | None = None) -> Callable[[], None] | None:
         """:meth:`resume`, but the held waiters are released only when the caller calls the
         returned function (None: the suspension had already ended). A shutdown while

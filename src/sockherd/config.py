@@ -80,6 +80,7 @@ class WorkerSpec:
     socket_mode: int
     backlog: int
     socket_group: int | None = None  # gid; None: tmp_dir's group
+    preload: bool = False  # fork workers from one process per generation (sockherd.preload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,7 @@ class Config:
             "workers": self.workers,
             "standby": self.standby,
             "ready": spec.ready,
+            "preload": spec.preload,
             "env": list(spec.env),
             "environment": dict(spec.environment),
             "cwd": str(spec.cwd),
@@ -312,6 +314,7 @@ def load_config(
     parsed = {setting.key: _parse(setting, values, origins, ctx, layers[-1].shown) for setting in SETTINGS}
     _check_socket_paths(parsed, origins["tmp_dir"])
     _check_listener_mode(parsed, origins, layers[-1].shown)
+    _check_preload(parsed, origins, layers[-1].shown)
     return _build(first, tuple(layer.path for layer in layers), parsed)
 
 
@@ -385,6 +388,22 @@ def _check_listener_mode(parsed: dict[str, Any], origins: dict[str, str], first:
         )
 
 
+def _check_preload(parsed: dict[str, Any], origins: dict[str, str], first: str) -> None:
+    """Preload starts the command once per generation and forks every worker from it, so
+    the command cannot carry what differs between workers."""
+    if not parsed["preload"]:
+        return
+    used = sorted({name for arg in parsed["command"] for name in PLACEHOLDERS if "{" + name + "}" in arg})
+    if used:
+        names = ", ".join("{" + name + "}" for name in used)
+        raise ConfigError(
+            f"{origins.get('command', first)}: key 'command': {names} differs between workers, and with "
+            "`preload = true` the command runs once per generation and the workers are forked from it; a "
+            "preloading program reads its worker's values from the environment (SOCKHERD_SOCKET, "
+            "SOCKHERD_WORKER_ID, SOCKHERD_INDEX) after `sockherd.preload.fork_point()`"
+        )
+
+
 def _build(path: Path, files: tuple[Path, ...], values: dict[str, Any]) -> Config:
     worker = WorkerSpec(
         command=values["command"],
@@ -398,6 +417,7 @@ def _build(path: Path, files: tuple[Path, ...], values: dict[str, Any]) -> Confi
         socket_mode=values["socket_mode"],
         backlog=values["backlog"],
         socket_group=values["socket_group"],
+        preload=values["preload"],
     )
     timeouts = Timeouts(
         spawn=values["spawn_timeout"],

@@ -164,6 +164,12 @@ def seconds(*, allow_zero: bool = False, allow_false: bool = False) -> Parser:
     return parse
 
 
+def boolean(value: Any, ctx: Context) -> bool:
+    if not isinstance(value, bool):
+        raise expected("true or false", value)
+    return value
+
+
 def choice(*options: str) -> Parser:
     what = "one of " + ", ".join(show(option) for option in options)
 
@@ -454,6 +460,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("ready", "string", "notify",
             '`"notify"`: the worker reports ready (library or sd_notify `READY=1`); `"socket"`: ready when '
             "its socket accepts a connection (for unmodified servers)", choice("notify", "socket")),
+    Setting("preload", "boolean", False,
+            "import the app once per generation and fork its workers from that process (sharing its memory); "
+            "for `python -m sockherd.uvicorn` and programs that call `sockherd.preload.fork_point()`",
+            boolean),
     Setting("env", "list of strings", [], "names of the daemon's environment variables passed to workers",
             env_names),
     Setting("environment", "table", {}, "variables set for workers; numbers and booleans become strings",

@@ -36,8 +36,9 @@ except ImportError as exc:  # an optional dependency
     raise ImportError(
         "sockherd.uvicorn needs uvicorn, which is not installed: pip install 'sockherd[uvicorn]'"
     ) from exc
+from uvicorn.importer import import_from_string
 
-from sockherd import drain, worker
+from sockherd import drain, preload, worker
 
 __all__ = ["DEFAULT_TIMEOUT_KEEP_ALIVE", "SockherdServer", "main", "run"]
 
@@ -129,6 +130,7 @@ class SockherdServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        worker._run_fork_hooks()  # the app is loaded: its on_fork hooks, unless a fork ran them
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             where = ", ".join(worker.listener_names()) if self.shared else worker.socket_path
@@ -305,8 +307,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--factory", action="store_true", help="APP is a factory returning the app")
     args = parser.parse_args(argv)
+    app: str | ASGIApp = args.app
+    if preload.preloading():  # `preload = true`: import once here, fork the workers from this process
+        app = import_from_string(args.app)
+    preload.fork_point()
     run(
-        args.app,
+        app,
         timeout_keep_alive=args.timeout_keep_alive,
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
         log_level=args.log_level,

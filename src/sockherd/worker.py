@@ -58,6 +58,7 @@ __all__ = [
     "ipc_path",
     "listener_names",
     "listeners",
+    "on_fork",
     "on_message",
     "on_resume",
     "on_shutdown",
@@ -110,7 +111,7 @@ def _sd_notify(address: str, state: bytes) -> None:
 class _Worker:
     """The state behind the module-level API."""
 
-    def __init__(self, env: Environment) -> None:
+    def __init__(self, env: Environment, *, preloading: bool = False) -> None:
         self.env = env
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -120,10 +121,20 @@ class _Worker:
         self._suspend_hooks: list[tuple[Callable[[], object], asyncio.AbstractEventLoop | None]] = []
         self._shutdown_requested = False
         self._ready_notified = False
-        self.ipc: IpcLink | None = None
+        self._fork_hooks: list[Callable[[], object]] = []
+        self._fork_hooks_ran = (0, 0)  # (pid, how many of the hooks ran in it)
         self.messages = Dispatcher(self._send_frame)
+        self.ipc = self._link_for(env)
+        if preloading:
+            # The fork server of a preloaded generation (sockherd.preload): resume hooks
+            # registered at import belong to the workers, which run them when they start.
+            self.resume_state = ResumeState(suspended=True, index=None)
+        else:
+            self.resume_state = ResumeState(suspended=env.suspended and self.ipc is not None, index=env.index)
+
+    def _link_for(self, env: Environment) -> IpcLink | None:
         if env.ipc_path is not None and env.worker_id is not None:
-            self.ipc = IpcLink(
+            return IpcLink(
                 env.ipc_path,
                 env.worker_id,
                 self.handle_shutdown_message,
@@ -132,11 +143,37 @@ class _Worker:
                 on_request=self.messages.on_request,
                 on_suspend=self.handle_suspend_message,
             )
-        elif env.suspended:
+        if env.suspended:
             # Only the daemon's resume ends a suspension: without a link to it, holding
             # every request would be holding them forever.
             log.warning("sockherd: SOCKHERD_SUSPENDED=1 without SOCKHERD_IPC: nothing could resume this worker")
-        self.resume_state = ResumeState(suspended=env.suspended and self.ipc is not None, index=env.index)
+        return None
+
+    def become(self, env: Environment) -> None:
+        """In a worker forked from the fork server: take this worker's environment. What the
+        app registered at import (hooks, handlers) stays; the resume hooks run now unless
+        the worker starts suspended."""
+        self.env = env
+        self._pid = os.getpid()
+        self.ipc = self._link_for(env)
+        self.resume_state.begin(suspended=env.suspended and self.ipc is not None, index=env.index)
+
+    def add_fork_hook(self, fn: Callable[[], object]) -> None:
+        with self._lock:
+            self._fork_hooks.append(fn)
+
+    def run_fork_hooks(self) -> None:
+        """Each hook once per process: the fork point runs those registered before it, a
+        server that loads the app later (the uvicorn runner) the ones the app added."""
+        with self._lock:
+            pid, done = self._fork_hooks_ran
+            start = done if pid == os.getpid() else 0
+            hooks = self._fork_hooks[start:]
+            self._fork_hooks_ran = (os.getpid(), len(self._fork_hooks))
+        for hook in hooks:
+            result = hook()
+            if inspect.isawaitable(result):
+                run_blocking(result)
 
     def _send_frame(self, frame: bytes) -> None:
         if self.ipc is not None:
@@ -239,7 +276,7 @@ class _Worker:
 # -- the module's state: read once at import, but for index and suspended -------------
 
 _env = read_environment(os.environ)
-_worker = _Worker(_env)
+_worker = _Worker(_env, preloading=bool(os.environ.get("SOCKHERD_PRELOAD_FD")))
 
 socket_path: str | None = _env.socket_path
 """Path this worker must bind (``SOCKHERD_SOCKET``); None when running standalone."""
@@ -281,6 +318,28 @@ if _worker.ipc is not None:
     _worker.ipc.start()
 
 
+def _become_forked_worker() -> None:
+    """Called by :mod:`sockherd.preload` in a worker forked from a preloaded generation's
+    fork server, once its environment is a worker's: re-read it, start the link to the
+    daemon, run the resume hooks (unless suspended), then the ``on_fork`` hooks."""
+    global _env, socket_path, id, ipc_path, socket_mode, backlog
+    _env = read_environment(os.environ)
+    _worker.become(_env)
+    socket_path, id, ipc_path = _env.socket_path, _env.worker_id, _env.ipc_path
+    socket_mode, backlog = _env.socket_mode, _env.backlog
+    if _worker.ipc is not None:
+        _worker.ipc.start()
+    _worker.run_fork_hooks()
+
+
+def _run_fork_hooks() -> None:
+    """Without preload, where a fork would have been: :func:`sockherd.preload.fork_point`
+    (for the app imported before it) and the uvicorn runner once it has loaded the app
+    (uvicorn imports it inside its loop). Once per process, so that the same app works
+    both ways."""
+    _worker.run_fork_hooks()
+
+
 # -- the API -------------------------------------------------------------------------
 
 
@@ -292,6 +351,17 @@ def report_online() -> None:
     ``NOTIFY_SOCKET`` (plain systemd), it sends ``READY=1`` instead.
     """
     _worker.report_online()
+
+
+def on_fork(fn: HookT) -> HookT:
+    """Register a hook (sync or async) run in each worker as it starts: right after the
+    fork under ``preload = true``, at :func:`sockherd.preload.fork_point` otherwise (the
+    uvicorn runner calls it), before the server starts. The place for what must not be
+    shared between processes: open database pools and client connections here, start
+    threads here (a thread started while importing does not exist in a forked worker).
+    A hook that raises stops the worker (it exits with the traceback in its log)."""
+    _worker.add_fork_hook(fn)
+    return fn
 
 
 def report_broken(reason: str) -> None:

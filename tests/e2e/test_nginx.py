@@ -87,6 +87,22 @@ def test_restarts_under_load_fail_no_request(
     assert_clean(result, nginx)
 
 
+def test_preloaded_restarts_under_load_fail_no_request(start_daemon: DaemonFactory, start_nginx: NginxFactory) -> None:
+    """``preload = true``: each restart forks the new generation from a fork server that
+    imported the new code once; still atomic, still nothing lost."""
+    daemon = start_daemon({**EXAMPLE_APP, "workers": 2, "preload": True})
+    status = daemon.wait_ready(2, timeout=30)
+    assert list(status["daemon"]["preloaded"]) == [str(status["daemon"]["generation"])]
+    nginx = start_nginx(symlinks(daemon, 2), keepalive=True)
+    result = restart_under_load(daemon, nginx)
+    assert_clean(result, nginx)
+    final = daemon.status()
+    assert list(final["daemon"]["preloaded"]) == [str(final["daemon"]["generation"])]  # old fork servers retired
+    server = final["daemon"]["preloaded"][str(final["daemon"]["generation"])]
+    assert all(psutil.Process(w["pid"]).ppid() == daemon.proc.pid for w in final["workers"])
+    assert server not in {w["pid"] for w in final["workers"]}
+
+
 def test_unmodified_uvicorn_restarts_under_load_fail_no_request(
     start_daemon: DaemonFactory, start_nginx: NginxFactory
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -295,6 +296,15 @@ def test_socket_activation_serves_on_the_activated_socket_and_survives_a_restart
         assert tcp_get(port, "/", timeout=30).status == 200
         status = subprocess.run([*cli[:3], "status", "--json", *cli[3:]], capture_output=True, text=True, check=True)
         assert f"tcp://127.0.0.1:{port}" in status.stdout
+
+        def started() -> bool:
+            # One worker answering on the shared socket does not mean the start is over.
+            result = subprocess.run(
+                [*cli[:3], "status", "--json", *cli[3:]], capture_output=True, text=True, check=False
+            )
+            return result.returncode == 0 and json.loads(result.stdout)["daemon"]["operation"] is None
+
+        wait_for(started, 30, "the first start to finish")
         assert subprocess.run([*cli[:3], "restart", *cli[3:]], capture_output=True, check=False).returncode == 0
         assert tcp_get(port, "/").status == 200
         subprocess.run([*cli[:3], "terminate", *cli[3:]], capture_output=True, check=False)

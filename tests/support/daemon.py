@@ -204,13 +204,23 @@ class RunningDaemon:
         return state
 
     def worker_processes(self) -> list[psutil.Process]:
-        """Every live process started for this daemon (found by its IPC path in the environment)."""
-        found = []
+        """Every live process started for this daemon: found by its IPC path in the environment,
+        or as the daemon's descendant (a worker forked from a preloaded generation's fork
+        server has the fork server's environment in /proc, which names no IPC path)."""
+        found: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(self.proc.pid).children(recursive=True):
+                found[proc.pid] = proc
         for proc in psutil.process_iter():
             with contextlib.suppress(psutil.Error):
-                if proc.environ().get("SOCKHERD_IPC") == str(self.ipc) and proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-        return found
+                if proc.environ().get("SOCKHERD_IPC") == str(self.ipc):
+                    found[proc.pid] = proc
+        live = []
+        for proc in found.values():
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    live.append(proc)
+        return live
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ class FakeProcesses:
         self.on_started: Callable[[FakeProcess], None] = lambda proc: None
         self.events: list[str] = []  # "signal PID NAME", "exit PID", in order
         self._pids = itertools.count(FAKE_PID_BASE)
+        self.preloaded_generations: set[int] = set()
 
     async def launch(self, launch: Launch, spawn_timeout: float) -> FakeProcess:
         if self.gate is not None:
@@ -111,6 +112,12 @@ class FakeProcesses:
         if proc is None or not proc.alive or proc.start_time != start_time:
             return None
         return proc
+
+    def retain_preloaded(self, generations: Collection[int]) -> None:
+        self.preloaded_generations = set(generations)  # what a real layer would keep fork servers for
+
+    def preloaded(self) -> dict[int, int]:
+        return {}
 
     def live(self) -> list[FakeProcess]:
         return [p for p in self.processes if p.alive]

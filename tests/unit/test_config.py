@@ -280,6 +280,7 @@ def test_every_default(tmp_path: Path) -> None:
         "workers": 1,
         "standby": 0,
         "ready": "notify",
+        "preload": False,
         "env": [],
         "environment": {},
         "cwd": str(tmp_path),

@@ -82,7 +82,7 @@ class Control:
         if conn.role is None:
             if msg.type != "hello":
                 raise ProtocolError(f"expected a hello first, got {msg.type!r}")
-            self._hello(conn, msg)
+            await self._hello(conn, msg)
         elif conn.role == protocol.ROLE_WORKER:
             await self._worker_message(conn, msg)
         elif msg.id is not None:
@@ -92,7 +92,7 @@ class Control:
             else:
                 await command(conn, msg)
 
-    def _hello(self, conn: Connection, msg: Message) -> None:
+    async def _hello(self, conn: Connection, msg: Message) -> None:
         data = msg.data if isinstance(msg.data, dict) else {}
         role, version = data.get("role"), data.get("version", protocol.PROTOCOL_VERSION)
         error = None
@@ -103,7 +103,7 @@ class Control:
                 f"hello: protocol version {version!r} is not supported (this daemon speaks {protocol.PROTOCOL_VERSION})"
             )
         elif role == protocol.ROLE_WORKER:
-            error = self._attach_worker(conn, data.get("id"))
+            error = await self._attach_worker(conn, data.get("id"))
         if error is not None:
             log.warning("IPC: refused a hello from pid %d: %s", conn.pid, error)
             if msg.id is not None:
@@ -113,10 +113,14 @@ class Control:
         if msg.id is not None:
             conn.reply(msg.id, {"daemon_pid": os.getpid(), "version": __version__, "name": self.daemon.config.name})
 
-    def _attach_worker(self, conn: Connection, worker_id: object) -> str | None:
+    async def _attach_worker(self, conn: Connection, worker_id: object) -> str | None:
         worker = self.herd.workers.get(worker_id) if isinstance(worker_id, str) else None
         if worker is None:
             return f"hello: no worker with id {worker_id!r}"
+        if worker.pid is None and worker.spec.preload:
+            # Forked from its generation's fork server, it may say hello before the fork's
+            # answer is read; its environ is the fork server's, so only its pid can tell.
+            await worker.wait_launched()
         if worker.pid is None and _our_child_with_id(conn.pid, worker.id):
             pass  # spawned, its pid not registered yet: the kernel says it is our child with that id
         elif self.herd.worker_for_pid(conn.pid) is not worker:

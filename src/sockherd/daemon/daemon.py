@@ -408,6 +408,8 @@ class Daemon:
                 "kept": herd.kept.as_dict(herd.rss_of) if herd.kept is not None else None,
                 "canary": herd.canary.as_dict() if herd.canary is not None else None,
                 "rolled_back": herd.rolled_back,
+                # preload: generation (as a string, JSON's keys) -> pid of its fork server
+                "preloaded": {str(gen): pid for gen, pid in sorted(herd.processes.preloaded().items())},
             },
             "workers": herd.status(),
             "slots": herd.healer.slot_status(),

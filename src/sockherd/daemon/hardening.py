@@ -20,7 +20,7 @@ PR_GET_DUMPABLE = 3  # <linux/prctl.h>
 PR_SET_DUMPABLE = 4
 
 
-def _prctl(option: int, arg: int = 0) -> int:
+def prctl(option: int, arg: int = 0) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     result: int = libc.prctl(option, arg, 0, 0, 0)
     if result < 0:
@@ -30,14 +30,14 @@ def _prctl(option: int, arg: int = 0) -> int:
 
 def make_undumpable() -> None:
     try:
-        _prctl(PR_SET_DUMPABLE, 0)
+        prctl(PR_SET_DUMPABLE, 0)
     except (OSError, AttributeError) as exc:
         log.warning("cannot make the daemon non-dumpable (%s): its workers can read its memory", exc)
 
 
 def is_dumpable() -> bool | None:
     try:
-        return _prctl(PR_GET_DUMPABLE) != 0
+        return prctl(PR_GET_DUMPABLE) != 0
     except (OSError, AttributeError):
         return None
 

@@ -38,6 +38,7 @@ from sockherd.daemon.environment import output_tail
 from sockherd.daemon.guard import TmpDir
 from sockherd.daemon.healing import Healer
 from sockherd.daemon.listeners import Listeners
+from sockherd.daemon.logformat import worker_event
 from sockherd.daemon.metrics import Sampler, listener_queue, queues_by_path_and_inode
 from sockherd.daemon.process import Generation, StartError, Worker, WorkerState
 from sockherd.daemon.processes import ProcessLayer
@@ -244,8 +245,19 @@ class Herd:
                 specs[gen.number] = gen.spec
         return specs
 
+    def _preloading(self) -> set[int]:
+        """Generations that may still start workers (preload keeps a fork server for each):
+        those with live workers, the deploy's pending one, the current one unless stopped."""
+        generations = {w.generation for w in self.workers.values()}
+        if self.pending is not None:
+            generations.add(self.pending.number)
+        if self.current is not None and self.running:
+            generations.add(self.current.number)
+        return generations
+
     def changed(self) -> None:
         self._figures_at = -METRICS_TTL  # the herd changed: the next status reads afresh
+        self.processes.retain_preloaded(self._preloading())  # a generation gone: its fork server too
         if self._state is not None:
             self._state.changed()
 
@@ -375,9 +387,19 @@ class Herd:
         self.healer.published(index, worker)
         self.changed()
         if self.listeners:
-            log.info("%s serves slot %d on the shared listener(s)", worker.label, index)
+            log.info(
+                "%s serves slot %d on the shared listener(s)",
+                worker.label,
+                index,
+                extra=worker_event("published", worker),
+            )
         else:
-            log.info("published %s as %s", worker.label, self.config.symlink_path(index).name)
+            log.info(
+                "published %s as %s",
+                worker.label,
+                self.config.symlink_path(index).name,
+                extra=worker_event("published", worker),
+            )
 
     def _link(self, index: int, worker: Worker) -> None:
         publish_symlink(

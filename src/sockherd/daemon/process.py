@@ -26,8 +26,9 @@ from sockherd import protocol
 from sockherd.config import Config, Timeouts, WorkerSpec, render_command
 from sockherd.daemon.environment import worker_environment
 from sockherd.daemon.listeners import Listeners
+from sockherd.daemon.logformat import worker_event
 from sockherd.daemon.metrics import backlog_problem
-from sockherd.daemon.processes import EXIT_UNKNOWN, Launch, LaunchFailed, ProcessHandle, ProcessLayer
+from sockherd.daemon.processes import EXIT_UNKNOWN, Launch, LaunchFailed, Preload, ProcessHandle, ProcessLayer
 from sockherd.daemon.sockdiag import unix_listen_queues
 
 log = logging.getLogger("sockherd")
@@ -123,6 +124,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = loop.create_future()
         self._online: asyncio.Future[None] = loop.create_future()
+        self._launched: asyncio.Future[None] = loop.create_future()  # its pid is known, or it never ran
         self._stop_task: asyncio.Task[None] | None = None
         self._killed = False
 
@@ -171,9 +173,11 @@ class Worker:
             worker_id=self.id,
             index="standby" if self.index is None else str(self.index),
         )
-        env = worker_environment(self.spec, os.environ, self._contract())
+        contract = self._contract()
+        env = worker_environment(self.spec, os.environ, contract)
         fds = self.listeners.fds if self.listeners is not None else ()
-        launch = Launch(argv, env, self.spec.cwd, self.spec.stdout, self.spec.stderr, listen_fds=fds)
+        preload = Preload(self.generation, contract, self.timeouts.online) if self.spec.preload else None
+        launch = Launch(argv, env, self.spec.cwd, self.spec.stdout, self.spec.stderr, listen_fds=fds, preload=preload)
         try:
             process = await self._processes.launch(launch, self.timeouts.spawn)
         except LaunchFailed as exc:
@@ -185,15 +189,30 @@ class Worker:
         self._process = process
         self.pid, self.start_time = process.pid, process.start_time
         self.state = WorkerState.RUNNING
+        self._launched.set_result(None)
         process.exited.add_done_callback(lambda done: self._on_exit(done.result()))
         if self._on_spawned is not None:
             self._on_spawned(self)
         self._on_change()
-        log.info("%s spawned (generation %d): %s", self.label, self.generation, " ".join(argv))
+        log.info(
+            "%s spawned (generation %d): %s",
+            self.label,
+            self.generation,
+            " ".join(argv),
+            extra=worker_event("spawned", self),
+        )
+
+    async def wait_launched(self) -> None:
+        """Until its pid is known (or it failed to start), ``spawn_timeout`` at most. A worker
+        forked from a preloaded generation can say hello before the fork's answer is read."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._launched), self.timeouts.spawn)
 
     def adopt(self, process: ProcessHandle, state: WorkerState, started_at: float, online_at: float | None) -> None:
         """Manage a process an earlier daemon started, as if this one had spawned it."""
         self._process = process
+        if not self._launched.done():
+            self._launched.set_result(None)
         self.pid, self.start_time = process.pid, process.start_time
         self.state = state
         self.started_at, self.online_at = started_at, online_at
@@ -249,7 +268,9 @@ class Worker:
         if not self._online.done():
             self._online.set_result(None)
         self._on_change()
-        log.info("%s online after %.3fs", self.label, self.online_at - self.started_at)
+        log.info(
+            "%s online after %.3fs", self.label, self.online_at - self.started_at, extra=worker_event("online", self)
+        )
 
     def _check_backlog(self) -> None:
         """A server that listens with a tiny backlog (socketserver's 5) serves fine until a
@@ -363,6 +384,8 @@ class Worker:
     def _mark_dead(self, code: int) -> None:
         self.state = WorkerState.DEAD
         self.exit_code = code
+        if not self._launched.done():
+            self._launched.set_result(None)
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)
@@ -399,14 +422,25 @@ class Worker:
         else:
             first = self.spec.stop_signal.name
             self.signal(self.spec.stop_signal)
-        log.info("%s stopping: sent %s", self.label, first)
+        log.info("%s stopping: sent %s", self.label, first, extra=worker_event("stopping", self))
         if await self._wait_exit(t.shutdown):
             return
-        log.warning("%s still running %.1fs after %s: sending SIGTERM", self.label, t.shutdown, first)
+        log.warning(
+            "%s still running %.1fs after %s: sending SIGTERM",
+            self.label,
+            t.shutdown,
+            first,
+            extra=worker_event("escalated", self, signal="SIGTERM"),
+        )
         self.signal(signal.SIGTERM)
         if await self._wait_exit(t.kill):
             return
-        log.error("%s ignored SIGTERM for %.1fs: sending SIGKILL", self.label, t.kill)
+        log.error(
+            "%s ignored SIGTERM for %.1fs: sending SIGKILL",
+            self.label,
+            t.kill,
+            extra=worker_event("escalated", self, signal="SIGKILL"),
+        )
         await self.kill()
 
     async def kill(self) -> None:

@@ -31,8 +31,10 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,8 +42,10 @@ from typing import Protocol
 from sockherd._nofollow import chmod_socket
 from sockherd.daemon.accepting import waits_for_connections
 from sockherd.daemon.environment import open_output
+from sockherd.daemon.forkserver import PRELOAD_FD_VAR, ForkFailed, ForkServers, ServerKey
 from sockherd.daemon.listeners import SD_LISTEN_FDS_START
 from sockherd.daemon.reaper import (
+    Hold,
     Reaper,
     kill_process_group,
     process_is_zombie,
@@ -67,6 +71,15 @@ class LaunchFailed(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Preload:
+    """A launch forked from its generation's fork server (``preload = true``, forkserver.py)."""
+
+    generation: int
+    contract: Mapping[str, str]  # the worker's own variables: the rest of ``env`` is the fork server's
+    ready_timeout: float  # for the fork server to import the app (online_timeout)
+
+
+@dataclass(frozen=True, slots=True)
 class Launch:
     """Everything needed to start one worker process."""
 
@@ -77,6 +90,8 @@ class Launch:
     stderr: Path | None
     # Shared listeners, handed over as systemd does: at fds 3.., with LISTEN_PID set.
     listen_fds: tuple[int, ...] = ()
+    preload: Preload | None = None
+    pass_fds: tuple[int, ...] = ()  # kept open, at their numbers (a fork server's channel)
 
 
 class ProcessHandle(Protocol):
@@ -121,6 +136,14 @@ class ProcessLayer(Protocol):
     def adopt(self, pid: int, start_time: int) -> ProcessHandle | None:
         """Take over a running process started by an earlier daemon (or this one, before
         an exec); None when ``pid`` is gone or now names another process."""
+        ...
+
+    def retain_preloaded(self, generations: Collection[int]) -> None:
+        """Retire the fork servers of generations not in ``generations`` (preload)."""
+        ...
+
+    def preloaded(self) -> dict[int, int]:
+        """generation -> pid of its running fork server."""
         ...
 
     def set_socket_mode(self, path: Path, mode: int, gid: int | None) -> None:
@@ -181,8 +204,11 @@ class OsProcesses:
     def __init__(self, reaper: Reaper, executor: concurrent.futures.Executor | None = None) -> None:
         self._reaper = reaper
         self._executor = executor
+        self._fork_servers = ForkServers(self._start_fork_server)
 
     async def launch(self, launch: Launch, spawn_timeout: float) -> ProcessHandle:
+        if launch.preload is not None:
+            return await self._launch_forked(launch, launch.preload, spawn_timeout)
         loop = asyncio.get_running_loop()
         outputs: list[int | None] = []
         for path in (launch.stdout, launch.stderr):
@@ -260,6 +286,86 @@ class OsProcesses:
         self._reaper.watch_child(pid, functools.partial(_resolve_exit, reaped))
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.shield(reaped), spawn_timeout)
+
+    # -- preloaded generations (forkserver.py) -----------------------------------------
+
+    async def _launch_forked(self, launch: Launch, preload: Preload, spawn_timeout: float) -> ProcessHandle:
+        server_env = {k: v for k, v in launch.env.items() if k not in preload.contract}
+        key = ServerKey(
+            preload.generation,
+            tuple(launch.argv),
+            tuple(sorted(server_env.items())),
+            launch.cwd,
+            launch.stdout,
+            launch.stderr,
+        )
+        try:
+            server = await self._fork_servers.server_for(key, spawn_timeout, preload.ready_timeout)
+        except ForkFailed as exc:
+            raise LaunchFailed(exc.reason) from None
+        except LaunchFailed as exc:
+            raise LaunchFailed(f"{exc.reason} (its generation's preload process)") from None
+        outputs: list[tuple[str, int]] = []
+        try:
+            for name, path in (("stdout", launch.stdout), ("stderr", launch.stderr)):
+                fd = open_output(path)
+                if fd is not None:
+                    outputs.append((name, fd))
+        except OSError as exc:
+            _close_all([fd for _, fd in outputs])
+            why = "it is a symlink (never followed)" if exc.errno == errno.ELOOP else exc.strerror
+            raise LaunchFailed(f"cannot open its log file {exc.filename}: {why}") from None
+        hold = self._reaper.hold_unknown()  # the worker becomes our child before we know its pid
+        fork = asyncio.ensure_future(server.fork(dict(preload.contract), outputs, list(launch.listen_fds)))
+        fork.add_done_callback(lambda _: _close_all([fd for _, fd in outputs]))
+        try:
+            pid = await asyncio.wait_for(asyncio.shield(fork), spawn_timeout)
+        except ForkFailed as exc:
+            hold.release()
+            raise LaunchFailed(exc.reason) from None
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            # The fork runs on (a cancelled request would put the channel out of step);
+            # whatever it makes is killed and reaped, and the hold ends then.
+            server.retire()
+            fork.add_done_callback(functools.partial(self._kill_late_fork, hold))
+            if isinstance(exc, TimeoutError):
+                raise LaunchFailed(f"could not be forked within spawn_timeout ({spawn_timeout}s)") from None
+            raise
+        return self._watch_new_child(pid, hold)
+
+    def _watch_new_child(self, pid: int, hold: Hold) -> ProcessHandle:
+        try:
+            pidfd: int | None = os.pidfd_open(pid)
+        except OSError:
+            pidfd = None
+        handle = OsProcess(pid, pidfd, process_start_time(pid), asyncio.get_running_loop())
+        self._reaper.watch_child(pid, handle._on_reaped)
+        hold.release()
+        return handle
+
+    def _kill_late_fork(self, hold: Hold, fork: asyncio.Future[int]) -> None:
+        if fork.cancelled() or fork.exception() is not None:
+            hold.release()
+            return
+        pid = fork.result()
+        kill_process_group(pid)  # unreaped: its group id is still its own (it leads it before its pid is sent)
+        self._reaper.watch_child(pid, lambda _code: None)
+        hold.release()
+
+    async def _start_fork_server(
+        self, key: ServerKey, channel: socket.socket, spawn_timeout: float
+    ) -> tuple[int, asyncio.Future[int]]:
+        env = dict(key.env)
+        env[PRELOAD_FD_VAR] = str(channel.fileno())
+        launch = Launch(list(key.argv), env, key.cwd, key.stdout, key.stderr, pass_fds=(channel.fileno(),))
+        handle = await self.launch(launch, spawn_timeout)
+        return handle.pid, handle.exited
+
+    def retain_preloaded(self, generations: Collection[int]) -> None:
+        self._fork_servers.retain(generations)
+
+    def preloaded(self) -> dict[int, int]:
+        return self._fork_servers.pids()
 
     def adopt(self, pid: int, start_time: int) -> ProcessHandle | None:
         try:
@@ -341,6 +447,7 @@ def _spawn(launch: Launch, outputs: list[int | None]) -> int:
         start_new_session=True,  # own session and group: a terminal's ^C reaches the daemon only
         restore_signals=True,
         close_fds=True,
+        pass_fds=launch.pass_fds,
     )
     proc.returncode = 0  # the Reaper reaps it: Popen must never waitpid a reused pid
     return proc.pid
@@ -421,6 +528,7 @@ __all__ = [
     "LaunchFailed",
     "OsProcess",
     "OsProcesses",
+    "Preload",
     "ProcessHandle",
     "ProcessLayer",
 ]

@@ -143,6 +143,7 @@ def spec_to_dict(spec: WorkerSpec) -> dict[str, Any]:
         "socket_mode": spec.socket_mode,
         "backlog": spec.backlog,
         "socket_group": spec.socket_group,
+        "preload": spec.preload,
     }
 
 
@@ -164,6 +165,7 @@ def spec_from_dict(data: Any) -> WorkerSpec:
             socket_mode=int(data["socket_mode"]),
             backlog=int(data["backlog"]),
             socket_group=int(data["socket_group"]) if data.get("socket_group") is not None else None,
+            preload=data.get("preload") is True,  # absent from the files of daemons before preload
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a worker spec: {exc}") from None

@@ -1,0 +1,266 @@
+"""Preloaded generations, the daemon's side: a fork server per generation, workers forked on request.
+
+With ``preload = true`` the first launch of a generation starts the worker command once,
+with ``SOCKHERD_PRELOAD_FD`` naming its end of a SOCK_SEQPACKET socket pair instead of a
+worker's environment. That process imports the app and says ``ready``
+(:func:`sockherd.preload.fork_point`); every launch of the generation is then a request
+on the socket: the worker's environment, and as SCM_RIGHTS descriptors its log files and
+the shared listeners. The answer is the pid of a worker that is already the daemon's
+child: the fork server forks twice and the middle process exits, so the worker is
+reparented to the daemon, a child subreaper. From there on the worker is managed exactly
+like an executed one (pidfd, exit status, process group, adoption after an upgrade).
+
+Failure is a failed launch, with the same words a worker's would have: a fork server
+that exits before ``ready`` (the app failed to import: its traceback is in the workers'
+log, which the failed deploy shows), or that does not say ``ready`` within
+``online_timeout``. A fork server that dies later is started again by the next launch
+of its generation. Fork servers live while their generation does (the herd tells this
+module which generations still have workers or may start some) and exit on their own
+when the channel closes: when the daemon retires them, execs an upgrade, or dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sockherd.daemon.hardening import prctl
+from sockherd.daemon.reaper import kill_process_group
+
+log = logging.getLogger("sockherd")
+
+PRELOAD_FD_VAR = "SOCKHERD_PRELOAD_FD"  # sockherd.preload reads it (a test keeps the two equal)
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+_MAX_MESSAGE = 64 * 1024
+_EXIT_GRACE = 2.0  # a retired fork server that has not exited by then is killed
+_STATUS_WAIT = 1.0  # for the exit status of a fork server whose channel closed
+
+
+class ForkFailed(Exception):
+    """A worker could not be forked; ``reason`` completes "worker … <reason>"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ServerKey:
+    """What a fork server was started with: a reload that changes any of it needs another."""
+
+    generation: int
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: Path
+    stdout: Path | None
+    stderr: Path | None
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants are reparented to the daemon: a forked worker's middle process
+    exits, and the worker must become the daemon's child (PID 1 in a container already is)."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+class ForkServer:
+    """One generation's preloaded process and the daemon's end of its channel."""
+
+    def __init__(self, key: ServerKey, pid: int, exited: asyncio.Future[int], channel: socket.socket) -> None:
+        self.key = key
+        self.pid = pid
+        self.exited = exited
+        self._channel = channel
+        self._lock = asyncio.Lock()
+        self._busy = False  # a request is on the channel, its answer not yet read
+        self.usable = True  # False once retired, dead, or out of step with its channel
+
+    @property
+    def alive(self) -> bool:
+        return self.usable and not self.exited.done()
+
+    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 (the config's online_timeout)
+        try:
+            reply = await asyncio.wait_for(self._receive(), timeout)
+        except TimeoutError:
+            self.retire()
+            raise ForkFailed(
+                f"could not be forked: its preloaded app did not finish loading within online_timeout ({timeout}s)"
+            ) from None
+        if not reply.get("ready"):
+            self.retire()
+            raise ForkFailed(f"could not be forked: the preload process answered {reply!r} instead of ready")
+
+    async def fork(self, environment: dict[str, str], outputs: list[tuple[str, int]], listen_fds: list[int]) -> int:
+        """The pid of a new worker, already the daemon's child. Not to be cancelled: the
+        channel would fall out of step (callers shield it and clean up after it)."""
+        async with self._lock:
+            if not self.alive:
+                raise ForkFailed("could not be forked: its generation's preload process is gone")
+            request = {"env": environment, "outputs": [name for name, _ in outputs], "listen": len(listen_fds)}
+            fds = [fd for _, fd in outputs] + list(listen_fds)
+            self._busy = True
+            try:
+                await self._send(json.dumps(request).encode(), fds)
+                reply = await self._receive()
+            except BaseException:
+                self.usable = False
+                raise
+            finally:
+                self._busy = False
+                if not self.usable:
+                    self._close()  # retired meanwhile: now that the answer is in
+        if "error" in reply:
+            raise ForkFailed(f"could not be forked: {reply['error']}")
+        pid = reply.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            self.retire()
+            raise ForkFailed(f"could not be forked: the preload process answered {reply!r}")
+        return pid
+
+    async def _send(self, data: bytes, fds: list[int]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                socket.send_fds(self._channel, [data], fds)
+                return
+            except BlockingIOError:
+                writable: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(self._channel, _resolve, writable)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(self._channel)
+            except OSError as exc:
+                raise ForkFailed(f"could not be forked: the preload process is gone ({exc.strerror})") from None
+
+    async def _receive(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        receive = asyncio.ensure_future(loop.sock_recv(self._channel, _MAX_MESSAGE))
+        watched: set[asyncio.Future[Any]] = {receive, self.exited}
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not receive.done():
+                receive.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await receive
+        data = receive.result() if receive.done() and not receive.cancelled() else b""
+        if not data and receive.cancelled():  # it exited: an answer it sent first is still queued
+            with contextlib.suppress(OSError):
+                data = self._channel.recv(_MAX_MESSAGE)
+        if not data:
+            self.usable = False
+            with contextlib.suppress(TimeoutError):  # its status, for the message: reaped in a moment
+                await asyncio.wait_for(asyncio.shield(self.exited), _STATUS_WAIT)
+            code = self.exited.result() if self.exited.done() else None
+            status = "" if code is None else f" with status {code}"
+            raise ForkFailed(
+                f"could not be forked: its preload process exited{status} (did the app fail to import? "
+                "its output is in the workers' log)"
+            )
+        message = json.loads(data)
+        if not isinstance(message, dict):
+            raise ForkFailed(f"could not be forked: the preload process answered {message!r}")
+        return message
+
+    def retire(self) -> None:
+        """No more forks. The channel closes (the fork server exits; it is killed if it has
+        not after a grace) at once, or once the fork in flight has its answer: closed
+        under it, the answer, a worker's pid, would be lost with the worker still running."""
+        self.usable = False
+        if not self._busy:
+            self._close()
+
+    def _close(self) -> None:
+        if self._channel.fileno() < 0:
+            return
+        self._channel.close()
+        if not self.exited.done():
+            loop = asyncio.get_running_loop()
+            handle = loop.call_later(_EXIT_GRACE, kill_process_group, self.pid)
+            self.exited.add_done_callback(lambda _: handle.cancel())
+
+
+# Starts the fork server's process with the channel's other end: (its pid, its exit).
+StartServer = Callable[[ServerKey, socket.socket, float], Awaitable[tuple[int, asyncio.Future[int]]]]
+
+
+class ForkServers:
+    """The fork servers of the generations that may still start workers, by what they run."""
+
+    def __init__(self, start_process: StartServer) -> None:
+        self._start_process = start_process
+        self._servers: dict[ServerKey, asyncio.Task[ForkServer]] = {}
+        self._subreaper = False
+
+    async def server_for(self, key: ServerKey, spawn_timeout: float, ready_timeout: float) -> ForkServer:
+        """The running fork server for ``key``, started (and awaited until ready) if needed.
+        Concurrent launches of one generation share one start, and its failure."""
+        task = self._servers.get(key)
+        if task is not None and task.done() and (task.cancelled() or task.exception() or not task.result().alive):
+            task = None
+        if task is None:
+            task = asyncio.ensure_future(self._start(key, spawn_timeout, ready_timeout))
+            self._servers[key] = task
+        return await asyncio.shield(task)
+
+    async def _start(self, key: ServerKey, spawn_timeout: float, ready_timeout: float) -> ForkServer:
+        if not self._subreaper:
+            become_subreaper()
+            self._subreaper = True
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setblocking(False)
+            pid, exited = await self._start_process(key, theirs, spawn_timeout)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        server = ForkServer(key, pid, exited, ours)
+        await server.wait_ready(ready_timeout)
+        log.info("preloaded generation %d: fork server pid %d ready", key.generation, pid)
+        return server
+
+    def retain(self, generations: Collection[int]) -> None:
+        """Retire the fork servers of every generation not in ``generations``."""
+        for key, task in list(self._servers.items()):
+            if key.generation in generations:
+                continue
+            del self._servers[key]
+            if task.done():
+                if not task.cancelled() and task.exception() is None:
+                    task.result().retire()
+            else:
+                task.add_done_callback(_retire_when_started)
+
+    def close(self) -> None:
+        self.retain(())
+
+    def pids(self) -> dict[int, int]:
+        """generation -> pid of its fork server, for status."""
+        return {
+            key.generation: task.result().pid
+            for key, task in self._servers.items()
+            if task.done() and not task.cancelled() and task.exception() is None and task.result().alive
+        }
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _retire_when_started(task: asyncio.Task[ForkServer]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().retire()
+
+
+__all__ = ["PRELOAD_FD_VAR", "ForkFailed", "ForkServer", "ForkServers", "ServerKey", "become_subreaper"]

@@ -1,0 +1,219 @@
+"""Preloaded generations, the worker's side: import the app once, fork every worker from it.
+
+    app = import_the_app()      # everything imported before the fork point is shared
+    preload.fork_point()        # under ``preload = true``: returns in each forked worker
+    serve(app)
+
+With ``preload = true`` the daemon starts the worker command once per generation with
+``SOCKHERD_PRELOAD_FD`` set instead of a worker's environment. That process (the *fork
+server*) imports the app, then :func:`fork_point` tells the daemon it is ready and
+waits for fork requests on the inherited socket; each request carries a worker's
+environment (``SOCKHERD_WORKER_ID``, its socket, …) and, as descriptors, its log files
+and the shared listeners. Without ``SOCKHERD_PRELOAD_FD`` (no preload, or standalone),
+:func:`fork_point` returns at once and the program serves as it always did: the same
+program works both ways.
+
+Why the worker is a grandchild (fork, fork again, the middle one exits): the daemon
+must stay each worker's parent (it reaps them, reads their exit status and kills their
+process group, exactly as for workers it executes itself). The daemon is a child
+subreaper (``PR_SET_CHILD_SUBREAPER``), so an orphaned grandchild is reparented to it,
+and that has happened by the time the fork server has reaped the middle process and
+answers with the worker's pid.
+
+What a forked worker starts with: its own session and process group; its log files on
+stdout and stderr; the listeners at fds 3.. with ``LISTEN_PID`` its own pid; the
+environment of a worker; :mod:`random` re-seeded; the :mod:`sockherd.worker` module
+re-reading that environment (hooks and handlers registered at import are kept) and its
+link to the daemon started; then the :func:`sockherd.worker.on_fork` hooks. Not in the
+worker: the fork server's other threads (a thread started at import does not exist
+after ``fork()``: start threads in ``on_fork`` or later), and nothing is done about
+connections opened at import (a database pool opened at import would be shared by every
+worker: open it in ``on_fork``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+import traceback
+from typing import Any, NoReturn
+
+from sockherd import worker
+
+__all__ = ["PRELOAD_FD_VAR", "fork_point", "preloading"]
+
+PRELOAD_FD_VAR = "SOCKHERD_PRELOAD_FD"
+MAX_REQUEST = 64 * 1024
+MAX_FDS = 64
+_SD_LISTEN_FDS_START = 3
+
+log = logging.getLogger("sockherd.preload")
+
+
+def preloading() -> bool:
+    """True in the fork server (the daemon asked this process to preload the app)."""
+    return bool(os.environ.get(PRELOAD_FD_VAR))
+
+
+def fork_point() -> None:
+    """Become the generation's fork server if the daemon asked for one; return in each worker.
+
+    In the fork server this returns only in forked workers: the fork server itself exits
+    when the daemon closes the channel (its generation retired, or the daemon gone).
+    Without preload it runs the :func:`sockherd.worker.on_fork` hooks and returns.
+    """
+    fd_text = os.environ.pop(PRELOAD_FD_VAR, None)
+    if not fd_text:
+        worker._run_fork_hooks()
+        return
+    channel = socket.socket(fileno=int(fd_text))
+    channel.set_inheritable(False)
+    if threading.active_count() > 1:
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        log.warning(
+            "sockherd preload: threads started while importing the app (%s) do not exist in forked "
+            "workers: start them in a worker.on_fork hook",
+            names,
+        )
+    # What the import made is never collected here, and the collector in a worker does not
+    # write to it (a collection touches every tracked object's header): its pages stay
+    # shared copy-on-write. Python's gc docs recommend exactly this before forking.
+    gc.freeze()
+    _send(channel, {"ready": True, "pid": os.getpid()})
+    while True:
+        request, fds = _receive(channel)
+        if request is None:
+            _exit_quietly()  # the daemon closed the channel: this generation is retired
+        try:
+            pid = _fork_worker(channel, request, fds)
+        except _InWorker:
+            return  # this is the worker (its set-up closed the received fds): serve
+        except OSError as exc:
+            _close_all(fds)
+            _send(channel, {"error": f"fork failed: {exc.strerror or exc}"})
+            continue
+        _close_all(fds)
+        _send(channel, {"pid": pid})
+
+
+class _InWorker(Exception):
+    """Raised in the forked worker, after it set itself up, to unwind into :func:`fork_point`'s caller."""
+
+
+def _fork_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]) -> int:
+    """Fork, fork again, let the middle process exit; return the worker's pid (in the fork server).
+
+    Raises :class:`_InWorker` in the worker once it is set up. Anything that goes wrong in
+    the middle process or in the worker's set-up ends that process with status 70
+    (EX_SOFTWARE) after printing why: it must never fall back into this loop.
+    """
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(read_end)
+            if os.fork() == 0:
+                # The pid goes out only once the worker leads its own process group: the
+                # daemon may kill that group the moment it has the pid (a launch given up).
+                os.setsid()
+                os.write(write_end, str(os.getpid()).encode())
+                os.close(write_end)
+                _set_up_worker(channel, request, fds)
+                raise _InWorker
+        except _InWorker:
+            raise
+        except BaseException:
+            traceback.print_exc()
+            _exit_quietly(70)
+        _exit_quietly(0)
+    os.close(write_end)
+    try:
+        data = _read_all(read_end)
+    finally:
+        os.close(read_end)
+    os.waitpid(middle, 0)
+    if not data:
+        raise OSError("the worker could not be forked (see the output above)")
+    return int(data)
+
+
+def _set_up_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+    """In the forked worker (already its own session): become what the daemon would have executed."""
+    channel.close()
+    outputs: list[str] = request.get("outputs", [])
+    listen_count = int(request.get("listen", 0))
+    received = list(fds)
+    # Outputs first (they name stdout/stderr), then the listeners to 3..: each source is
+    # first duplicated above every target, so no dup2 overwrites a source still to come.
+    high = _SD_LISTEN_FDS_START + listen_count
+    moved = [os.dup(fd) if fd >= high else _dup_above(fd, high) for fd in received]
+    for fd in received:
+        _close(fd)
+    position = 0
+    for name in outputs:
+        os.dup2(moved[position], 1 if name == "stdout" else 2)
+        position += 1
+    for i in range(listen_count):
+        os.dup2(moved[position + i], _SD_LISTEN_FDS_START + i)
+    for fd in moved:
+        _close(fd)
+    environment: dict[str, str] = request.get("env", {})
+    os.environ.update(environment)
+    if listen_count:
+        os.environ["LISTEN_PID"] = str(os.getpid())
+    random.seed()
+    sys.stdout.flush()
+    worker._become_forked_worker()
+
+
+def _dup_above(fd: int, minimum: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, minimum)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 64):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _send(channel: socket.socket, message: dict[str, Any]) -> None:
+    channel.sendall(json.dumps(message).encode())
+
+
+def _receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(channel, MAX_REQUEST, MAX_FDS)
+    except ConnectionResetError:
+        return None, []
+    if not data:
+        _close_all(fds)
+        return None, []
+    return json.loads(data), fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        _close(fd)
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _exit_quietly(status: int = 0) -> NoReturn:
+    """Without atexit: the app's shutdown hooks belong to its workers, not to the fork server."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)

@@ -1,3 +1,3 @@
-from sockherd.cli import main
+from sockherd.cli_fast import main
 
 raise SystemExit(main())

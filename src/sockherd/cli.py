@@ -16,7 +16,7 @@ from typing import Any
 from sockherd import __version__, cli_messaging
 from sockherd.client import Client, CommandFailed, DaemonUnreachable, RequestFailed
 from sockherd.config import Config, ConfigError, load_config
-from sockherd.status_table import colour_wanted, format_status
+from sockherd.status_table import colour_wanted, format_status, health_problems
 
 __all__ = ["build_parser", "format_status", "health_problems", "main"]  # format_status: status_table's
 
@@ -366,23 +366,3 @@ def _duration(text: str) -> float:
     if not 0 < seconds <= 86400:
         raise argparse.ArgumentTypeError(f"{text!r}: a duration from 1 second to 24 hours")
     return seconds
-
-
-def health_problems(status: dict[str, Any]) -> list[str]:
-    """Why the app is not fully serving, or nothing: what a readiness probe needs."""
-    d = status["daemon"]
-    problems = []
-    if d["state"] != "running":
-        problems.append(f"the daemon is {d['state']}")
-    if d.get("operation") in ("start", "restart", "reload", "promote", "rollback"):
-        problems.append(f"a {d['operation']} is in progress")
-    serving = {w["index"]: w for w in status["workers"] if w.get("published")}
-    for index in range(d["workers"]):
-        worker = serving.get(index)
-        if worker is None:
-            problems.append(f"slot {index} is not published")
-        elif worker["state"] not in ("online", "broken"):
-            problems.append(f"slot {index}'s worker is {worker['state']}")
-        elif worker["generation"] != d["generation"] and not d.get("canary"):
-            problems.append(f"slot {index} serves generation {worker['generation']}, not {d['generation']}")
-    return problems

@@ -11,15 +11,14 @@ The keys themselves (checks, defaults, docs) are defined once in
 
 from __future__ import annotations
 
-import difflib
 import os
 import signal
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from sockherd.config_files import CONFIG_NAMES, ConfigError, find_config, load_layers, merge
 from sockherd.config_settings import (
     KEYS,
     MAX_INDEX_DIGITS,
@@ -34,7 +33,6 @@ from sockherd.config_settings import (
     format_size,
     parse_size,
     resolve_path,
-    show,
 )
 
 __all__ = [
@@ -55,13 +53,7 @@ __all__ = [
     "render_command",
 ]
 
-CONFIG_NAMES: Final = ("sockherd.local.toml", ".sockherd.local.toml", "sockherd.toml", ".sockherd.toml")
-PYPROJECT: Final = "pyproject.toml"
 TEMP_SUFFIX_LEN: Final = 9  # "." + 8 hex characters after a temporary symlink's name
-
-
-class ConfigError(Exception):
-    """A config that cannot be used; the message names the file and the key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,107 +186,6 @@ def render_command(spec_command: tuple[str, ...], *, socket: str, worker_id: str
 # --- discovery and reading ---------------------------------------------------------------
 
 
-def find_config(cwd: Path) -> Path:
-    """The config file for a directory: the first of CONFIG_NAMES, then a pyproject.toml
-    that has a ``[tool.sockherd]`` table (one without it belongs to someone else)."""
-    cwd = cwd.absolute()
-    for file_name in CONFIG_NAMES:
-        if (cwd / file_name).is_file():
-            return cwd / file_name
-    pyproject = cwd / PYPROJECT
-    if pyproject.is_file() and _read_table(pyproject, PYPROJECT) is not None:
-        return pyproject
-    names = ", ".join(CONFIG_NAMES)
-    raise ConfigError(
-        f"no sockherd config in {cwd} (looked for {names} and [tool.sockherd] in {PYPROJECT}); "
-        "run `sockherd init` to write one, or pass -c PATH"
-    )
-
-
-def _read_table(path: Path, shown: str) -> dict[str, Any] | None:
-    """The sockherd table of one file; None for a pyproject.toml without one."""
-    try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-    except OSError as exc:
-        raise ConfigError(f"{shown}: cannot read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line N, column M)"
-        raise ConfigError(f"{shown}: invalid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{shown}: invalid TOML: not UTF-8 text") from None
-    if path.name != PYPROJECT:
-        return data
-    tool = data.get("tool")
-    table = tool.get("sockherd") if isinstance(tool, dict) else None
-    if table is not None and not isinstance(table, dict):
-        raise ConfigError(f"{shown}: key 'tool.sockherd': expected a table, got {show(table)}")
-    return table
-
-
-@dataclass(frozen=True, slots=True)
-class _Layer:
-    path: Path
-    shown: str
-    table: dict[str, Any]
-
-
-def _load_layers(first: Path, cwd: Path, home: str | None) -> list[_Layer]:
-    """The first file and everything it extends, extended files first (the merge order)."""
-
-    def shown(path: Path) -> str:
-        return os.path.relpath(path, cwd) if path.is_relative_to(cwd) else str(path)
-
-    layers: list[_Layer] = []
-    seen: list[Path] = []
-    path: Path | None = first
-    while path is not None:
-        identity = Path(os.path.realpath(path))  # never raises, even on a symlink loop
-        if identity in seen:
-            chain = " -> ".join([*(layer.shown for layer in layers), shown(path)])
-            raise ConfigError(f"{layers[-1].shown}: key 'extends': cycle {chain}")
-        seen.append(identity)
-        table = _read_table(path, shown(path))
-        if table is None:
-            raise ConfigError(f"{shown(path)}: no [tool.sockherd] table")
-        for key in table:
-            if key not in KEYS:
-                hint = difflib.get_close_matches(key, KEYS, n=1)
-                suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
-                raise ConfigError(f"{shown(path)}: unknown key '{key}'{suffix}")
-        layers.append(_Layer(path, shown(path), table))
-        path = _extended(layers[-1], home)
-    return layers[::-1]
-
-
-def _extended(layer: _Layer, home: str | None) -> Path | None:
-    target = layer.table.get("extends")
-    if target is None:
-        return None
-    if not isinstance(target, str) or not target or "\0" in target:
-        raise ConfigError(f"{layer.shown}: key 'extends': expected a file path, got {show(target)}")
-    path = resolve_path(target, Context(layer.path.parent, home))
-    if not path.is_file():
-        raise ConfigError(f"{layer.shown}: key 'extends': no such file: {path}")
-    return path
-
-
-def _merge(layers: list[_Layer]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Later layers win per top-level key; ``environment`` merges variable by variable.
-    Returns the values and, per key (``environment.NAME`` too), the file it came from."""
-    values: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    for layer in layers:
-        for key, value in layer.table.items():
-            origins[key] = layer.shown
-            if key == "environment" and isinstance(value, dict):
-                base = values.get(key)
-                values[key] = {**base, **value} if isinstance(base, dict) else dict(value)
-                origins.update((f"{key}.{name}", layer.shown) for name in value)
-            else:
-                values[key] = value
-    return values, origins
-
-
 # --- validation --------------------------------------------------------------------------
 
 
@@ -308,8 +199,8 @@ def load_config(
     environ = os.environ if environ is None else environ
     home = environ.get("HOME")
     first = find_config(cwd) if path is None else resolve_path(str(path), Context(cwd, home))
-    layers = _load_layers(first, cwd, home)
-    values, origins = _merge(layers)
+    layers = load_layers(first, cwd, home, KEYS)
+    values, origins = merge(layers)
     ctx = Context(first.parent, home)
     parsed = {setting.key: _parse(setting, values, origins, ctx, layers[-1].shown) for setting in SETTINGS}
     _check_socket_paths(parsed, origins["tmp_dir"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import grp
 import ipaddress
-import json
 import math
 import os
 import re
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
+
+from sockherd.config_files import anchor_path, show
 
 __all__ = [
     "KEYS",
@@ -107,21 +108,6 @@ class Setting:
         return "required" if self.default is REQUIRED else f"`{show(self.default)}`"
 
 
-def show(value: object, limit: int = 80) -> str:
-    """Render a value the way it is written in TOML (``true``, ``"x"``), not Python's repr."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-    elif isinstance(value, list):
-        text = "[" + ", ".join(show(item, limit) for item in value) + "]"
-    elif isinstance(value, dict):
-        text = "{" + ", ".join(f"{key} = {show(item, limit)}" for key, item in value.items()) + "}"
-    else:
-        text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def expected(what: str, value: object) -> Invalid:
     return Invalid(f"expected {what}, got {show(value)}")
 
@@ -188,16 +174,8 @@ def file_name(value: Any, ctx: Context) -> str:
 
 
 def resolve_path(raw: str, ctx: Context) -> Path:
-    """Expand ``~`` and anchor relative paths at the first config file's directory.
-
-    ``normpath`` rather than ``resolve``: a deploy that points ``current`` at a new release
-    keeps ``current`` in the paths, so workers started later follow the symlink.
-    """
-    if raw == "~" or raw.startswith("~/"):
-        raw = (ctx.home or os.path.expanduser("~")) + raw[1:]
-    else:
-        raw = os.path.expanduser(raw)
-    return Path(os.path.normpath(ctx.base_dir / raw))
+    """Expand ``~`` and anchor relative paths at the first config file's directory."""
+    return anchor_path(raw, ctx.base_dir, ctx.home)
 
 
 def path(value: Any, ctx: Context) -> Path:

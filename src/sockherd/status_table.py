@@ -141,3 +141,23 @@ def notes(status: dict[str, Any], *, colour: bool) -> list[str]:
 def format_status(status: dict[str, Any], *, colour: bool = False) -> str:
     """``sockherd status``: the headline, the table with memory and CPU, warnings and notes."""
     return "\n".join([headline(status), *worker_table(status, PLAIN, colour=colour), *notes(status, colour=colour)])
+
+
+def health_problems(status: dict[str, Any]) -> list[str]:
+    """Why the app is not fully serving, or nothing: what a readiness probe needs."""
+    d = status["daemon"]
+    problems = []
+    if d["state"] != "running":
+        problems.append(f"the daemon is {d['state']}")
+    if d.get("operation") in ("start", "restart", "reload", "promote", "rollback"):
+        problems.append(f"a {d['operation']} is in progress")
+    serving = {w["index"]: w for w in status["workers"] if w.get("published")}
+    for index in range(d["workers"]):
+        worker = serving.get(index)
+        if worker is None:
+            problems.append(f"slot {index} is not published")
+        elif worker["state"] not in ("online", "broken"):
+            problems.append(f"slot {index}'s worker is {worker['state']}")
+        elif worker["generation"] != d["generation"] and not d.get("canary"):
+            problems.append(f"slot {index} serves generation {worker['generation']}, not {d['generation']}")
+    return problems

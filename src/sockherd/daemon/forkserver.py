@@ -151,7 +151,10 @@ class ForkServer:
                 receive.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await receive
-        data = receive.result() if receive.done() and not receive.cancelled() else b""
+        data = b""
+        if receive.done() and not receive.cancelled():
+            with contextlib.suppress(OSError):  # reset by a dying fork server: it is gone, as at EOF
+                data = receive.result()
         if not data and receive.cancelled():  # it exited: an answer it sent first is still queued
             with contextlib.suppress(OSError):
                 data = self._channel.recv(_MAX_MESSAGE)
@@ -165,7 +168,10 @@ class ForkServer:
                 f"could not be forked: its preload process exited{status} (did the app fail to import? "
                 "its output is in the workers' log)"
             )
-        message = json.loads(data)
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = data[:100]
         if not isinstance(message, dict):
             raise ForkFailed(f"could not be forked: the preload process answered {message!r}")
         return message

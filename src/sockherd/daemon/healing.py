@@ -186,14 +186,15 @@ class Healer:
             return
         standby = self._ready_standby(worker.generation)
         if standby is not None:
+            promoted = standby.label  # "worker standby (…)": the promotion gives it the slot's number
+            self._promote(standby, index)  # first: nginx waits for the rename, not for the log line
             log.warning(
-                "%s crashed (%s); promoting %s",
+                "%s crashed (%s); promoted %s",
                 worker.label,
                 describe_exit(code),
-                standby.label,
+                promoted,
                 extra=worker_event("crashed", worker, code=code, successor=standby.id),
             )
-            self._promote(standby, index)
             self.refill_standbys()
             return
         log.warning(

@@ -323,6 +323,9 @@ class OsProcesses:
         except ForkFailed as exc:
             hold.release()
             raise LaunchFailed(exc.reason) from None
+        except OSError as exc:
+            hold.release()
+            raise LaunchFailed(f"could not be forked: {exc.strerror or exc}") from None
         except (TimeoutError, asyncio.CancelledError) as exc:
             # The fork runs on (a cancelled request would put the channel out of step);
             # whatever it makes is killed and reaped, and the hold ends then.

@@ -27,7 +27,6 @@ from sockherd.config_files import ConfigError, anchor_path, find_config, load_la
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pathlib import Path
     from typing import Any
 
 __all__ = ["main", "run"]
@@ -107,9 +106,7 @@ def _parse(argv: list[str]) -> tuple[str, bool, str | None, str | None] | None:
 
 def _locate_ipc(config: str | None) -> str:
     """The IPC socket the config names, located as :func:`sockherd.config.load_config` does."""
-    from pathlib import Path
-
-    cwd = Path.cwd().absolute()
+    cwd = os.getcwd()
     home = os.environ.get("HOME")
     first = find_config(cwd) if config is None else anchor_path(config, cwd, home)
     values, _ = merge(load_layers(first, cwd, home))
@@ -119,17 +116,17 @@ def _locate_ipc(config: str | None) -> str:
         raise _Fallback
     if not isinstance(ipc_file, str) or ipc_file in ("", ".", "..") or "/" in ipc_file or "\0" in ipc_file:
         raise _Fallback
-    return str(anchor_path(tmp_dir, first.parent, home) / ipc_file)
+    return os.path.join(anchor_path(tmp_dir, os.path.dirname(first), home), ipc_file)
 
 
-def _ask_status(ipc: str | Path) -> dict[str, Any]:
+def _ask_status(ipc: str) -> dict[str, Any]:
     """Hello and status, pipelined on one connection; the status reply's data."""
     import _socket
 
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(TIMEOUT)
-        sock.connect(str(ipc))
+        sock.connect(ipc)
         hello = {"role": "client", "pid": os.getpid(), "version": PROTOCOL_VERSION}
         frames = [{"type": "hello", "id": 1, "data": hello}, {"type": "status", "id": 2}]
         sock.sendall(b"".join(json.dumps(f, separators=(",", ":")).encode() + b"\n" for f in frames))

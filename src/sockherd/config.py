@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from sockherd.config_files import CONFIG_NAMES, ConfigError, find_config, load_layers, merge
+from sockherd import config_files
+from sockherd.config_files import CONFIG_NAMES, ConfigError, load_layers, merge
 from sockherd.config_settings import (
     KEYS,
     MAX_INDEX_DIGITS,
@@ -199,14 +200,19 @@ def load_config(
     environ = os.environ if environ is None else environ
     home = environ.get("HOME")
     first = find_config(cwd) if path is None else resolve_path(str(path), Context(cwd, home))
-    layers = load_layers(first, cwd, home, KEYS)
+    layers = load_layers(str(first), str(cwd), home, KEYS)
     values, origins = merge(layers)
     ctx = Context(first.parent, home)
     parsed = {setting.key: _parse(setting, values, origins, ctx, layers[-1].shown) for setting in SETTINGS}
     _check_socket_paths(parsed, origins["tmp_dir"])
     _check_listener_mode(parsed, origins, layers[-1].shown)
     _check_preload(parsed, origins, layers[-1].shown)
-    return _build(first, tuple(layer.path for layer in layers), parsed)
+    return _build(first, tuple(Path(layer.path) for layer in layers), parsed)
+
+
+def find_config(cwd: Path) -> Path:
+    """The config file for a directory (see :func:`sockherd.config_files.find_config`)."""
+    return Path(config_files.find_config(str(cwd)))
 
 
 def _parse(setting: Setting, values: dict[str, Any], origins: dict[str, str], ctx: Context, first: str) -> Any:

@@ -1,16 +1,16 @@
 """Finding and reading sockherd's config files: discovery, ``extends`` chains, merging.
 
 The part of loading a config that does not check any key, kept apart so that it imports
-little (os, pathlib, tomllib): :mod:`sockherd.config` builds on it to check every key,
-and the CLI's fast path (:mod:`sockherd.cli_fast`) uses it alone to find the daemon's
-IPC socket without loading the whole config machinery.
+little (os and tomllib; paths are strings here, not pathlib's, whose import costs more
+than the rest): :mod:`sockherd.config` builds on it to check every key, and the CLI's
+fast path (:mod:`sockherd.cli_fast`) uses it alone to find the daemon's IPC socket
+without loading the whole config machinery.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from pathlib import Path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,26 +55,26 @@ def show(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def anchor_path(raw: str, base_dir: Path, home: str | None) -> Path:
+def anchor_path(raw: str, base_dir: str, home: str | None) -> str:
     """Expand ``~`` and anchor a relative path at ``base_dir`` (the first config file's directory).
 
-    ``normpath`` rather than ``resolve``: a deploy that points ``current`` at a new release
+    ``normpath`` rather than ``realpath``: a deploy that points ``current`` at a new release
     keeps ``current`` in the paths, so workers started later follow the symlink.
     """
     own_home = raw == "~" or raw.startswith("~/")  # $HOME as the config's environ says
     expanded = (home or os.path.expanduser("~")) + raw[1:] if own_home else os.path.expanduser(raw)
-    return Path(os.path.normpath(base_dir / expanded))
+    return os.path.normpath(os.path.join(base_dir, expanded))
 
 
-def find_config(cwd: Path) -> Path:
+def find_config(cwd: str) -> str:
     """The config file for a directory: the first of CONFIG_NAMES, then a pyproject.toml
     that has a ``[tool.sockherd]`` table (one without it belongs to someone else)."""
-    cwd = cwd.absolute()
+    cwd = os.path.abspath(cwd)
     for file_name in CONFIG_NAMES:
-        if (cwd / file_name).is_file():
-            return cwd / file_name
-    pyproject = cwd / PYPROJECT
-    if pyproject.is_file() and read_table(pyproject, PYPROJECT) is not None:
+        if os.path.isfile(candidate := os.path.join(cwd, file_name)):
+            return candidate
+    pyproject = os.path.join(cwd, PYPROJECT)
+    if os.path.isfile(pyproject) and read_table(pyproject, PYPROJECT) is not None:
         return pyproject
     names = ", ".join(CONFIG_NAMES)
     raise ConfigError(
@@ -83,10 +83,10 @@ def find_config(cwd: Path) -> Path:
     )
 
 
-def read_table(path: Path, shown: str) -> dict[str, Any] | None:
+def read_table(path: str, shown: str) -> dict[str, Any] | None:
     """The sockherd table of one file; None for a pyproject.toml without one."""
     try:
-        with path.open("rb") as file:
+        with open(path, "rb") as file:
             data = tomllib.load(file)
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read: {exc.strerror or exc}") from None
@@ -94,7 +94,7 @@ def read_table(path: Path, shown: str) -> dict[str, Any] | None:
         raise ConfigError(f"{shown}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{shown}: invalid TOML: not UTF-8 text") from None
-    if path.name != PYPROJECT:
+    if os.path.basename(path) != PYPROJECT:
         return data
     tool = data.get("tool")
     table = tool.get("sockherd") if isinstance(tool, dict) else None
@@ -108,24 +108,25 @@ class Layer:
 
     __slots__ = ("path", "shown", "table")
 
-    def __init__(self, path: Path, shown: str, table: dict[str, Any]) -> None:
+    def __init__(self, path: str, shown: str, table: dict[str, Any]) -> None:
         self.path = path
         self.shown = shown
         self.table = table
 
 
-def load_layers(first: Path, cwd: Path, home: str | None, known: Collection[str] | None = None) -> list[Layer]:
+def load_layers(first: str, cwd: str, home: str | None, known: Collection[str] | None = None) -> list[Layer]:
     """The first file and everything it extends, extended files first (the merge order).
     With ``known``, a key not in it is an error (with a did-you-mean hint)."""
 
-    def shown(path: Path) -> str:
-        return os.path.relpath(path, cwd) if path.is_relative_to(cwd) else str(path)
+    def shown(path: str) -> str:
+        inside = path == cwd or path.startswith(cwd.rstrip("/") + "/")
+        return os.path.relpath(path, cwd) if inside else path
 
     layers: list[Layer] = []
-    seen: list[Path] = []
-    path: Path | None = first
+    seen: list[str] = []
+    path: str | None = first
     while path is not None:
-        identity = Path(os.path.realpath(path))  # never raises, even on a symlink loop
+        identity = os.path.realpath(path)  # never raises, even on a symlink loop
         if identity in seen:
             chain = " -> ".join([*(layer.shown for layer in layers), shown(path)])
             raise ConfigError(f"{layers[-1].shown}: key 'extends': cycle {chain}")
@@ -150,14 +151,14 @@ def _check_known(table: dict[str, Any], known: Collection[str], shown: str) -> N
             raise ConfigError(f"{shown}: unknown key '{key}'{suffix}")
 
 
-def _extended(layer: Layer, home: str | None) -> Path | None:
+def _extended(layer: Layer, home: str | None) -> str | None:
     target = layer.table.get("extends")
     if target is None:
         return None
     if not isinstance(target, str) or not target or "\0" in target:
         raise ConfigError(f"{layer.shown}: key 'extends': expected a file path, got {show(target)}")
-    path = anchor_path(target, layer.path.parent, home)
-    if not path.is_file():
+    path = anchor_path(target, os.path.dirname(layer.path), home)
+    if not os.path.isfile(path):
         raise ConfigError(f"{layer.shown}: key 'extends': no such file: {path}")
     return path
 

@@ -175,7 +175,7 @@ def file_name(value: Any, ctx: Context) -> str:
 
 def resolve_path(raw: str, ctx: Context) -> Path:
     """Expand ``~`` and anchor relative paths at the first config file's directory."""
-    return anchor_path(raw, ctx.base_dir, ctx.home)
+    return Path(anchor_path(raw, str(ctx.base_dir), ctx.home))
 
 
 def path(value: Any, ctx: Context) -> Path:

@@ -13,8 +13,6 @@ import os
 import socket
 import time
 
-import psutil
-
 from sockherd.daemon.sockdiag import ListenQueue, tcp_listen_queue, unix_listen_queues
 
 RECENT = 60.0  # seconds a previous CPU sample stays the reference
@@ -33,46 +31,90 @@ def backlog_problem(label: str, found: int, wanted: int) -> str | None:
     )
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
 class Sampler:
-    """CPU percentages between two ``status`` requests, per process."""
+    """CPU percentages between two ``status`` requests, per process.
+
+    Figures come straight from ``/proc/PID/stat`` and a worker's descendants from
+    ``/proc/PID/task/TID/children``: each costs a few reads of the worker's own files,
+    where psutil's ``children()`` reads every process on the host, once per worker.
+    """
 
     def __init__(self) -> None:
-        self._last: dict[int, tuple[float, float, float]] = {}  # pid -> (create_time, cpu seconds, when)
+        self._last: dict[int, tuple[int, float, float]] = {}  # pid -> (start time, cpu seconds, when)
         self._seen: set[int] = set()
 
     def usage(self, pid: int | None) -> tuple[int, float]:
         """(rss bytes, cpu percent) of ``pid`` and every process below it."""
         if pid is None:
             return 0, 0.0
-        try:
-            root = psutil.Process(pid)
-            family = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return 0, 0.0
         rss, cpu = 0, 0.0
         now = time.time()
-        for proc in family:
-            with contextlib.suppress(psutil.Error):
-                with proc.oneshot():
-                    rss += proc.memory_info().rss
-                    times = proc.cpu_times()
-                    spent, created = times.user + times.system, proc.create_time()
-                cpu += self._percent(proc.pid, created, spent, now)
+        uptime = _uptime()
+        for member in _family(pid):
+            stat = _stat(member)
+            if stat is None:
+                continue  # gone meanwhile
+            started, spent, pages = stat
+            rss += pages * _PAGE_SIZE
+            cpu += self._percent(member, started, spent, now, uptime)
         return rss, round(cpu, 1)
 
-    def _percent(self, pid: int, created: float, spent: float, now: float) -> float:
+    def _percent(self, pid: int, started: int, spent: float, now: float, uptime: float | None) -> float:
         self._seen.add(pid)
         last = self._last.get(pid)
-        self._last[pid] = (created, spent, now)
-        if last is not None and last[0] == created and now - last[2] <= RECENT and now > last[2]:
+        self._last[pid] = (started, spent, now)
+        if last is not None and last[0] == started and now - last[2] <= RECENT and now > last[2]:
             return 100.0 * (spent - last[1]) / (now - last[2])
-        return 100.0 * spent / max(now - created, 1e-3)  # the lifetime average
+        if uptime is None:
+            return 0.0
+        return 100.0 * spent / max(uptime - started / _CLOCK_TICKS, 1e-3)  # the lifetime average
 
     def forget_unseen(self) -> None:
         """After a round: drop the samples of processes that are gone."""
         for pid in [p for p in self._last if p not in self._seen]:
             del self._last[pid]
         self._seen = set()
+
+
+def _stat(pid: int) -> tuple[int, float, int] | None:
+    """(start time in clock ticks since boot, cpu seconds, resident pages) from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()  # after "pid (comm) ": comm may hold anything
+    # fields[0] is the state (field 3 of proc(5)): utime 14, stime 15, starttime 22, rss 24
+    utime, stime, started, pages = int(fields[11]), int(fields[12]), int(fields[19]), int(fields[21])
+    return started, (utime + stime) / _CLOCK_TICKS, pages
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and every process below it, through each thread's ``children`` file."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            threads = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in threads:
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{current}/task/{tid}/children", "rb") as f:
+                pending.extend(int(child) for child in f.read().split())
+    return found
+
+
+def _uptime() -> float | None:
+    try:
+        with open("/proc/uptime", "rb") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def queues_by_path_and_inode() -> tuple[dict[str, ListenQueue], dict[int, ListenQueue]]:

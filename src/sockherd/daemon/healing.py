@@ -239,10 +239,13 @@ class Healer:
         self._standby_health.consecutive = 0  # it came up and waited: the pool is healthy
         standby.restarts = self.restarts(index)
         standby.index = index
-        if not self.herd.suspended:
-            standby.resume()  # before the rename: nothing waits on a held request
+        # The rename first: until it, nginx's connects to this slot fail; a request that
+        # reaches the standby before its resume is held, not lost, and the resume follows.
         if not self._publish(index, standby):
             asyncio.ensure_future(standby.stop())  # noqa: RUF006 - tracked by the worker's own stop task
+            return
+        if not self.herd.suspended:
+            standby.resume()
 
     def _publish(self, index: int, worker: Worker) -> bool:
         """Publish, or log why not (tmp_dir replaced, a planted obstacle): healing must not raise."""

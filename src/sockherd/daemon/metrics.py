@@ -13,6 +13,7 @@ import os
 import socket
 import time
 
+from sockherd.daemon.reaper import stat_fields
 from sockherd.daemon.sockdiag import ListenQueue, tcp_listen_queue, unix_listen_queues
 
 RECENT = 60.0  # seconds a previous CPU sample stays the reference
@@ -82,14 +83,13 @@ class Sampler:
 
 def _stat(pid: int) -> tuple[int, float, int] | None:
     """(start time in clock ticks since boot, cpu seconds, resident pages) from /proc/PID/stat."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
+    fields = stat_fields(pid)  # from field 3 of proc(5): utime is 14, stime 15, starttime 22, rss 24
+    if fields is None:
         return None
-    fields = data[data.rindex(b")") + 2 :].split()  # after "pid (comm) ": comm may hold anything
-    # fields[0] is the state (field 3 of proc(5)): utime 14, stime 15, starttime 22, rss 24
-    utime, stime, started, pages = int(fields[11]), int(fields[12]), int(fields[19]), int(fields[21])
+    try:
+        utime, stime, started, pages = int(fields[11]), int(fields[12]), int(fields[19]), int(fields[21])
+    except (IndexError, ValueError):
+        return None
     return started, (utime + stime) / _CLOCK_TICKS, pages
 
 

@@ -378,19 +378,24 @@ class Worker:
     # -- exit and shutdown -------------------------------------------------------------
 
     def _on_exit(self, code: int) -> None:
-        self._mark_dead(code)
-        self._on_exit_callback(self, code)
+        self._mark_dead(code, remove_socket=False)
+        self._on_exit_callback(self, code)  # first: a standby's failover is a rename away
+        self._remove_socket()
 
-    def _mark_dead(self, code: int) -> None:
+    def _mark_dead(self, code: int, *, remove_socket: bool = True) -> None:
         self.state = WorkerState.DEAD
         self.exit_code = code
         if not self._launched.done():
             self._launched.set_result(None)
+        if remove_socket:
+            self._remove_socket()
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+    def _remove_socket(self) -> None:
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)
-        if not self.exited.done():
-            self.exited.set_result(code)
 
     def signal(self, sig: int) -> bool:
         if not self.alive or self._process is None:

@@ -260,7 +260,7 @@ class OsProcesses:
         except OSError:
             pidfd = None  # kernels before 5.3: plain kill(), still safe while unreaped
         handle = OsProcess(pid, pidfd, process_start_time(pid), loop)
-        self._reaper.watch_child(pid, handle._on_reaped)
+        self._reaper.watch_child(pid, handle._on_reaped, pidfd)
         hold.release()
         return handle
 
@@ -342,7 +342,7 @@ class OsProcesses:
         except OSError:
             pidfd = None
         handle = OsProcess(pid, pidfd, process_start_time(pid), asyncio.get_running_loop())
-        self._reaper.watch_child(pid, handle._on_reaped)
+        self._reaper.watch_child(pid, handle._on_reaped, pidfd)
         hold.release()
         return handle
 
@@ -383,7 +383,7 @@ class OsProcesses:
             return None
         handle = OsProcess(pid, pidfd, start_time, asyncio.get_running_loop())
         if ours:
-            self._reaper.watch_child(pid, handle._on_reaped)
+            self._reaper.watch_child(pid, handle._on_reaped, pidfd)
         else:
             self._reaper.watch_foreign(pidfd, handle._on_foreign_exit)
         return handle

@@ -53,6 +53,7 @@ class Reaper:
         self._callbacks: dict[int, ExitCallback] = {}
         self._unclaimed: OrderedDict[int, int] = OrderedDict()
         self._pidfds: dict[int, int] = {}  # adopted processes' pidfds we watch (fd -> fd)
+        self._child_pidfds: dict[int, int] = {}  # our children's pidfds we watch (pid -> fd)
         self._holds = 0
         self.installed = False
 
@@ -66,18 +67,44 @@ class Reaper:
         self.installed = False
         for pidfd in list(self._pidfds):
             self.unwatch_foreign(pidfd)
+        for pid in list(self._child_pidfds):
+            self._unwatch_child(pid)
 
     def hold_unknown(self) -> Hold:
         self._holds += 1
         return Hold(self)
 
-    def watch_child(self, pid: int, callback: ExitCallback) -> None:
+    def watch_child(self, pid: int, callback: ExitCallback, pidfd: int | None = None) -> None:
+        """``callback(code)`` once child ``pid`` has exited and is reaped.
+
+        With its ``pidfd`` the exit is seen the moment the kernel announces it: the
+        pidfd becomes readable in the same pass of the event loop, where SIGCHLD goes
+        through the signal handler's self-pipe and another pass (a standby's failover
+        waits on this). SIGCHLD still reaps it if it comes first. The caller closes the
+        pidfd only in ``callback``, after it is no longer watched.
+        """
         if (code := self._unclaimed.pop(pid, None)) is not None:
             self._loop.call_soon(callback, code)
             return
         self._callbacks[pid] = callback
+        if pidfd is not None and self.installed:
+            self._child_pidfds[pid] = pidfd
+            self._loop.add_reader(pidfd, self._child_exited, pid)
         if self.installed:
             self._loop.call_soon(self.reap)  # it may have exited before we asked
+
+    def _child_exited(self, pid: int) -> None:
+        self._unwatch_child(pid)
+        try:
+            exited = os.waitid(os.P_PID, pid, _WAIT_PEEK)
+        except ChildProcessError:  # reaped already, through SIGCHLD
+            return
+        if exited is not None:
+            self._finish(pid)
+
+    def _unwatch_child(self, pid: int) -> None:
+        if (pidfd := self._child_pidfds.pop(pid, None)) is not None:
+            self._loop.remove_reader(pidfd)
 
     def watch_foreign(self, pidfd: int, callback: Callable[[], None]) -> None:
         """Watch a process that is not our child (adopted): ``callback()`` once it exits.
@@ -121,6 +148,7 @@ class Reaper:
 
     def _finish(self, pid: int) -> bool:
         """``pid`` has exited and is still a zombie: kill its group, then reap it."""
+        self._unwatch_child(pid)  # before the callback, which closes the pidfd
         callback = self._callbacks.pop(pid, None)
         if callback is not None:
             kill_process_group(pid)
@@ -163,7 +191,7 @@ def kill_process_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
+def stat_fields(pid: int) -> list[bytes] | None:
     """/proc/PID/stat from field 3 on (the command name, field 2, may hold anything)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -178,7 +206,7 @@ def process_start_time(pid: int) -> int | None:
 
     A pid can be reused; a pid together with its start time names one process for good.
     """
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     try:
         return int(fields[19]) if fields else None  # field 22 of proc(5)
     except (IndexError, ValueError):
@@ -186,12 +214,12 @@ def process_start_time(pid: int) -> int | None:
 
 
 def process_is_zombie(pid: int) -> bool:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[:1] == [b"Z"]  # field 3 of proc(5): the state
 
 
 def process_parent(pid: int) -> int | None:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     try:
         return int(fields[1]) if fields else None  # field 4 of proc(5)
     except (IndexError, ValueError):

@@ -114,6 +114,9 @@ def _fork_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]
     the middle process or in the worker's set-up ends that process with status 70
     (EX_SOFTWARE) after printing why: it must never fall back into this loop.
     """
+    for stream in (sys.stdout, sys.stderr):  # what the app printed at import: not once per worker
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     read_end, write_end = os.pipe()
     middle = os.fork()
     if middle == 0:
@@ -131,8 +134,9 @@ def _fork_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]
             raise
         except BaseException:
             traceback.print_exc()
-            _exit_quietly(70)
-        _exit_quietly(0)
+            sys.stderr.flush()
+            os._exit(70)
+        os._exit(0)  # the middle process: nothing of its own to flush
     os.close(write_end)
     try:
         data = _read_all(read_end)
@@ -153,7 +157,7 @@ def _set_up_worker(channel: socket.socket, request: dict[str, Any], fds: list[in
     # Outputs first (they name stdout/stderr), then the listeners to 3..: each source is
     # first duplicated above every target, so no dup2 overwrites a source still to come.
     high = _SD_LISTEN_FDS_START + listen_count
-    moved = [os.dup(fd) if fd >= high else _dup_above(fd, high) for fd in received]
+    moved = [_dup_above(fd, high) for fd in received]  # a plain dup could land on a target
     for fd in received:
         _close(fd)
     position = 0

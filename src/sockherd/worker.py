@@ -171,9 +171,7 @@ class _Worker:
             hooks = self._fork_hooks[start:]
             self._fork_hooks_ran = (os.getpid(), len(self._fork_hooks))
         for hook in hooks:
-            result = hook()
-            if inspect.isawaitable(result):
-                run_blocking(result)
+            hook()
 
     def _send_frame(self, frame: bytes) -> None:
         if self.ipc is not None:
@@ -359,7 +357,16 @@ def on_fork(fn: HookT) -> HookT:
     uvicorn runner calls it), before the server starts. The place for what must not be
     shared between processes: open database pools and client connections here, start
     threads here (a thread started while importing does not exist in a forked worker).
-    A hook that raises stops the worker (it exits with the traceback in its log)."""
+    A hook that raises stops the worker (it exits with the traceback in its log).
+
+    Plain functions only: under preload they run before the server's event loop exists,
+    so an async client (an asyncpg or redis.asyncio pool) made here would belong to no
+    loop that serves; create those in the app's startup (ASGI lifespan) instead."""
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"worker.on_fork({hook_name(fn)}): an async function; on_fork hooks run before the server's event "
+            "loop exists: open async clients in the app's startup (lifespan) instead"
+        )
     _worker.add_fork_hook(fn)
     return fn
 

@@ -24,6 +24,9 @@ RELEASE = open(os.environ["RELEASE_FILE"]).read().strip() if "RELEASE_FILE" in o
 if RELEASE == "broken":
     raise RuntimeError("release 'broken' does not import: a bug in the new code")
 IMPORTED_IN = os.getpid()
+# A file the app opens while it is imported (a log, a sqlite database): in the fork server
+# it takes the lowest free descriptor, which must not be one the listeners get in a worker.
+IMPORT_LOG = open(os.environ["IMPORT_LOG"], "a") if "IMPORT_LOG" in os.environ else None  # noqa: SIM115
 BALLAST = bytes(int(os.environ.get("BALLAST_MB", "0")) * 1024 * 1024)
 FORKED_IN: list[int] = []
 RESUMED_IN: list[int] = []
@@ -37,6 +40,17 @@ def _forked() -> None:
 @worker.on_resume
 def _resumed() -> None:
     RESUMED_IN.append(os.getpid())
+
+
+def _import_log_works() -> bool | None:
+    if IMPORT_LOG is None:
+        return None
+    try:
+        IMPORT_LOG.write(f"{os.getpid()} served\n")
+        IMPORT_LOG.flush()
+    except OSError:
+        return False
+    return True
 
 
 async def _app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -53,6 +67,7 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
             "index": worker.index,
             "listen_pid": os.environ.get("LISTEN_PID"),
             "listen_fds": os.environ.get("LISTEN_FDS"),
+            "import_log_works": _import_log_works(),
         }
     ).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -163,8 +163,12 @@ def test_a_suspended_preloaded_restart_runs_resume_hooks_in_each_worker_at_resum
 
 
 def test_preload_serves_shared_listeners_with_listen_pid_its_own(tmp_path: Path, start_daemon: DaemonFactory) -> None:
+    """And a file the app opened at import keeps its descriptor: the fork server starts with
+    the listeners at 3.., so the import's own files come after them."""
     port = free_port()
     settings, env, _ = preloaded(tmp_path, listen=[f"tcp://127.0.0.1:{port}"])
+    env["IMPORT_LOG"] = str(tmp_path / "import.log")
+    settings["env"] = [*settings["env"], "IMPORT_LOG"]
     daemon = start_daemon(settings, env=env)
     daemon.wait_ready(2)
     seen: dict[int, dict[str, Any]] = {}
@@ -180,6 +184,7 @@ def test_preload_serves_shared_listeners_with_listen_pid_its_own(tmp_path: Path,
     for pid, result in seen.items():
         assert result["listen_pid"] == str(pid)
         assert result["listen_fds"] == "1"
+        assert result["import_log_works"] is True, result
 
 
 def test_an_upgraded_daemon_forks_the_new_generation_from_a_fork_server_of_its_own(
@@ -275,6 +280,31 @@ def test_a_stop_while_a_fork_is_in_flight_kills_and_reaps_the_late_worker(
     assert daemon.worker_pids() == set() or all(_zombie(p) for p in daemon.worker_pids())
     assert daemon.proc.poll() is None
     assert daemon.status()["workers"] == []
+
+
+def test_a_fork_past_spawn_timeout_fails_the_deploy_and_leaves_nothing_running(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    command = [sys.executable, str(APPS / "gated_fork_server.py"), str(gate)]
+    daemon = start_daemon({"command": command, "preload": True, "workers": 1, "spawn_timeout": 1})
+    first = wait_for(lambda: next(gate.glob("*.waiting"), None), 20, "the first fork request")
+    (gate / first.stem).touch()
+    serving = daemon.wait_ready(1)["workers"][0]["pid"]
+    restart = daemon.cli("restart")
+    assert restart.returncode == 1
+    assert "could not be forked within spawn_timeout (1.0s)" in restart.stderr, restart.stderr
+    held = next(p for p in gate.glob("*.waiting") if p.stem != first.stem)
+    server = int(held.stem.split("-")[0])
+    (gate / held.stem).touch()  # the fork goes ahead now, or the retired server was killed first
+    wait_for(lambda: _gone(server), 10, "the retired fork server to be gone")
+    late = _read(gate / f"{held.stem}.pid")
+    if late is not None:  # it forked before it was killed: that worker was killed and reaped
+        wait_for(lambda: not psutil.pid_exists(int(late)), 10, "the late worker to be killed and reaped")
+    status = daemon.status()
+    assert [w["pid"] for w in status["workers"]] == [serving]  # the old generation serves on
+    assert {p.pid for p in daemon.worker_processes()} == {serving, int(first.stem.split("-")[0])}
 
 
 def _read(path: Path) -> str | None:

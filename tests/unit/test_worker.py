@@ -434,3 +434,18 @@ def test_bind_socket_refuses_an_existing_path(spawn: Callable[..., subprocess.Po
     _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 1
     assert f"OSError: [Errno 98] cannot bind the worker socket {path}: Address already in use" in err
+
+
+def test_on_fork_refuses_async_hooks_and_runs_plain_ones_once_per_process() -> None:
+    from sockherd import worker
+
+    async def pool() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="on_fork hooks run before the server's event loop exists"):
+        worker.on_fork(pool)
+    calls: list[int] = []
+    worker.on_fork(lambda: calls.append(os.getpid()))
+    worker._run_fork_hooks()
+    worker._run_fork_hooks()  # the runner calls it again once the app is loaded: nothing twice
+    assert calls == [os.getpid()]

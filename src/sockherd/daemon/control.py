@@ -25,7 +25,7 @@ from sockherd.daemon.herd import DeployFailed
 from sockherd.daemon.ipc import Connection
 from sockherd.daemon.messaging import MessagingError, Router, request_fields
 from sockherd.daemon.process import Worker
-from sockherd.daemon.reaper import process_start_time
+from sockherd.daemon.reaper import kill_process_group, process_parent, process_start_time
 from sockherd.protocol import Message, ProtocolError
 
 if TYPE_CHECKING:
@@ -121,6 +121,12 @@ class Control:
             # Forked from its generation's fork server, it may say hello before the fork's
             # answer is read; its environ is the fork server's, so only its pid can tell.
             await worker.wait_launched()
+            if worker.pid is None and process_parent(conn.pid) == os.getpid():
+                # Our child, for a launch that failed: forked by a fork server that died
+                # before it answered. Nobody manages it; unreaped, its pid is still its own.
+                log.warning("IPC: pid %d was forked for %s, whose launch failed: killing it", conn.pid, worker.id)
+                kill_process_group(conn.pid)
+                return f"hello: worker {worker.id} failed to start; pid {conn.pid} was killed"
         if worker.pid is None and _our_child_with_id(conn.pid, worker.id):
             pass  # spawned, its pid not registered yet: the kernel says it is our child with that id
         elif self.herd.worker_for_pid(conn.pid) is not worker:

@@ -61,6 +61,7 @@ class ServerKey:
     cwd: Path
     stdout: Path | None
     stderr: Path | None
+    listen_fds: tuple[int, ...] = ()  # the daemon's listeners, the same for its whole life
 
 
 def become_subreaper() -> None:
@@ -79,6 +80,7 @@ class ForkServer:
         self._channel = channel
         self._lock = asyncio.Lock()
         self._busy = False  # a request is on the channel, its answer not yet read
+        self._kill_timer: asyncio.TimerHandle | None = None
         self.usable = True  # False once retired, dead, or out of step with its channel
 
     @property
@@ -97,10 +99,19 @@ class ForkServer:
             self.retire()
             raise ForkFailed(f"could not be forked: the preload process answered {reply!r} instead of ready")
 
-    async def fork(self, environment: dict[str, str], outputs: list[tuple[str, int]], listen_fds: list[int]) -> int:
+    async def fork(
+        self,
+        environment: dict[str, str],
+        outputs: list[tuple[str, int]],
+        listen_fds: list[int],
+        started: asyncio.Future[None] | None = None,
+    ) -> int:
         """The pid of a new worker, already the daemon's child. Not to be cancelled: the
-        channel would fall out of step (callers shield it and clean up after it)."""
+        channel would fall out of step (callers shield it and clean up after it).
+        ``started`` is resolved when this fork's turn comes (forks queue on the channel)."""
         async with self._lock:
+            if started is not None and not started.done():
+                started.set_result(None)
             if not self.alive:
                 raise ForkFailed("could not be forked: its generation's preload process is gone")
             request = {"env": environment, "outputs": [name for name, _ in outputs], "listen": len(listen_fds)}
@@ -177,21 +188,24 @@ class ForkServer:
         return message
 
     def retire(self) -> None:
-        """No more forks. The channel closes (the fork server exits; it is killed if it has
-        not after a grace) at once, or once the fork in flight has its answer: closed
-        under it, the answer, a worker's pid, would be lost with the worker still running."""
+        """No more forks. The channel closes (the fork server exits) at once, or once the
+        fork in flight has its answer: closed under it, the answer, a worker's pid, would
+        be lost with the worker still running. Either way the fork server is killed if it
+        has not exited after a grace: one stuck in a fork (an at-fork handler deadlocked
+        by a thread started at import) would otherwise hold its answer, and with it the
+        reaper's hold on unknown children, forever."""
+        if not self.usable and self._kill_timer is not None:
+            return
         self.usable = False
         if not self._busy:
             self._close()
+        if self._kill_timer is None and not self.exited.done():
+            self._kill_timer = asyncio.get_running_loop().call_later(_EXIT_GRACE, kill_process_group, self.pid)
+            self.exited.add_done_callback(lambda _: self._kill_timer.cancel() if self._kill_timer else None)
 
     def _close(self) -> None:
-        if self._channel.fileno() < 0:
-            return
-        self._channel.close()
-        if not self.exited.done():
-            loop = asyncio.get_running_loop()
-            handle = loop.call_later(_EXIT_GRACE, kill_process_group, self.pid)
-            self.exited.add_done_callback(lambda _: handle.cancel())
+        if self._channel.fileno() >= 0:
+            self._channel.close()
 
 
 # Starts the fork server's process with the channel's other end: (its pid, its exit).

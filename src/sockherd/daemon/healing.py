@@ -187,16 +187,16 @@ class Healer:
         standby = self._ready_standby(worker.generation)
         if standby is not None:
             promoted = standby.label  # "worker standby (…)": the promotion gives it the slot's number
-            self._promote(standby, index)  # first: nginx waits for the rename, not for the log line
-            log.warning(
-                "%s crashed (%s); promoted %s",
-                worker.label,
-                describe_exit(code),
-                promoted,
-                extra=worker_event("crashed", worker, code=code, successor=standby.id),
-            )
-            self.refill_standbys()
-            return
+            if self._promote(standby, index):  # first: nginx waits for the rename, not for the log line
+                log.warning(
+                    "%s crashed (%s); promoted %s",
+                    worker.label,
+                    describe_exit(code),
+                    promoted,
+                    extra=worker_event("crashed", worker, code=code, successor=standby.id),
+                )
+                self.refill_standbys()
+                return
         log.warning(
             "%s crashed (%s); replacing it",
             worker.label,
@@ -235,7 +235,8 @@ class Healer:
         ready = [w for w in self.herd.standbys(generation) if w.online_at is not None and w.broken_reason is None]
         return ready[0] if ready else None
 
-    def _promote(self, standby: Worker, index: int) -> None:
+    def _promote(self, standby: Worker, index: int) -> bool:
+        """Give ``standby`` slot ``index``; False (it is stopped) if it cannot be published."""
         self._standby_health.consecutive = 0  # it came up and waited: the pool is healthy
         standby.restarts = self.restarts(index)
         standby.index = index
@@ -243,9 +244,10 @@ class Healer:
         # reaches the standby before its resume is held, not lost, and the resume follows.
         if not self._publish(index, standby):
             asyncio.ensure_future(standby.stop())  # noqa: RUF006 - tracked by the worker's own stop task
-            return
+            return False
         if not self.herd.suspended:
             standby.resume()
+        return True
 
     def _publish(self, index: int, worker: Worker) -> bool:
         """Publish, or log why not (tmp_dir replaced, a planted obstacle): healing must not raise."""

@@ -379,8 +379,10 @@ class Worker:
 
     def _on_exit(self, code: int) -> None:
         self._mark_dead(code, remove_socket=False)
-        self._on_exit_callback(self, code)  # first: a standby's failover is a rename away
-        self._remove_socket()
+        try:
+            self._on_exit_callback(self, code)  # first: a standby's failover is a rename away
+        finally:
+            self._remove_socket()
 
     def _mark_dead(self, code: int, *, remove_socket: bool = True) -> None:
         self.state = WorkerState.DEAD

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sockherd._nofollow import chmod_socket
 from sockherd.daemon.accepting import waits_for_connections
@@ -91,7 +91,9 @@ class Launch:
     # Shared listeners, handed over as systemd does: at fds 3.., with LISTEN_PID set.
     listen_fds: tuple[int, ...] = ()
     preload: Preload | None = None
-    pass_fds: tuple[int, ...] = ()  # kept open, at their numbers (a fork server's channel)
+    # Kept open in the process (a fork server's channel): at their own numbers, or, with
+    # listen_fds, right after the listeners (3 + len(listen_fds), ...).
+    pass_fds: tuple[int, ...] = ()
 
 
 class ProcessHandle(Protocol):
@@ -298,6 +300,7 @@ class OsProcesses:
             launch.cwd,
             launch.stdout,
             launch.stderr,
+            launch.listen_fds,
         )
         try:
             server = await self._fork_servers.server_for(key, spawn_timeout, preload.ready_timeout)
@@ -316,17 +319,15 @@ class OsProcesses:
             why = "it is a symlink (never followed)" if exc.errno == errno.ELOOP else exc.strerror
             raise LaunchFailed(f"cannot open its log file {exc.filename}: {why}") from None
         hold = self._reaper.hold_unknown()  # the worker becomes our child before we know its pid
-        fork = asyncio.ensure_future(server.fork(dict(preload.contract), outputs, list(launch.listen_fds)))
+        # spawn_timeout counts the fork, not the queue: a deploy asks for all its forks at once.
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fork = asyncio.ensure_future(server.fork(dict(preload.contract), outputs, list(launch.listen_fds), started))
         fork.add_done_callback(lambda _: _close_all([fd for _, fd in outputs]))
         try:
+            turn: set[asyncio.Future[Any]] = {started, fork}
+            await asyncio.wait(turn, return_when=asyncio.FIRST_COMPLETED)
             pid = await asyncio.wait_for(asyncio.shield(fork), spawn_timeout)
-        except ForkFailed as exc:
-            hold.release()
-            raise LaunchFailed(exc.reason) from None
-        except OSError as exc:
-            hold.release()
-            raise LaunchFailed(f"could not be forked: {exc.strerror or exc}") from None
-        except (TimeoutError, asyncio.CancelledError) as exc:
+        except (TimeoutError, asyncio.CancelledError) as exc:  # before OSError: TimeoutError is one
             # The fork runs on (a cancelled request would put the channel out of step);
             # whatever it makes is killed and reaped, and the hold ends then.
             server.retire()
@@ -334,6 +335,12 @@ class OsProcesses:
             if isinstance(exc, TimeoutError):
                 raise LaunchFailed(f"could not be forked within spawn_timeout ({spawn_timeout}s)") from None
             raise
+        except ForkFailed as exc:
+            hold.release()
+            raise LaunchFailed(exc.reason) from None
+        except OSError as exc:
+            hold.release()
+            raise LaunchFailed(f"could not be forked: {exc.strerror or exc}") from None
         return self._watch_new_child(pid, hold)
 
     def _watch_new_child(self, pid: int, hold: Hold) -> ProcessHandle:
@@ -358,9 +365,21 @@ class OsProcesses:
     async def _start_fork_server(
         self, key: ServerKey, channel: socket.socket, spawn_timeout: float
     ) -> tuple[int, asyncio.Future[int]]:
+        """The fork server gets the shared listeners at 3.., as its workers will: what the app
+        opens while it is imported then cannot take those numbers, which every worker's
+        listeners would overwrite. Its channel follows them (see _spawn_with_listeners)."""
         env = dict(key.env)
-        env[PRELOAD_FD_VAR] = str(channel.fileno())
-        launch = Launch(list(key.argv), env, key.cwd, key.stdout, key.stderr, pass_fds=(channel.fileno(),))
+        channel_fd = SD_LISTEN_FDS_START + len(key.listen_fds) if key.listen_fds else channel.fileno()
+        env[PRELOAD_FD_VAR] = str(channel_fd)
+        launch = Launch(
+            list(key.argv),
+            env,
+            key.cwd,
+            key.stdout,
+            key.stderr,
+            listen_fds=key.listen_fds,
+            pass_fds=(channel.fileno(),),
+        )
         handle = await self.launch(launch, spawn_timeout)
         return handle.pid, handle.exited
 
@@ -468,12 +487,16 @@ def _spawn_with_listeners(launch: Launch, outputs: list[int | None]) -> int:
     Popen keeps passed descriptors at their own numbers, so this is posix_spawn, whose
     file actions can move them: each listener is first duplicated above the target
     range (no move then overwrites a source still to be moved), then dup2'ed to 3+i
-    (which clears close-on-exec on the target only). Everything else the daemon holds is
+    (which clears close-on-exec on the target only); ``pass_fds`` (a fork server's
+    channel) follow the listeners. Everything else the daemon holds is
     close-on-exec (Python opens all descriptors so; start-up marks inherited strays).
     """
     _check_executable(launch)
-    count = len(launch.listen_fds)
-    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SD_LISTEN_FDS_START + count) for fd in launch.listen_fds]
+    count = len(launch.listen_fds) + len(launch.pass_fds)
+    sources = [
+        fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, SD_LISTEN_FDS_START + count)
+        for fd in (*launch.listen_fds, *launch.pass_fds)
+    ]
     try:
         actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)

@@ -60,15 +60,17 @@ class Reaper:
     def install(self) -> None:
         self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
         self.installed = True
+        for pid, pidfd in self._child_pidfds.items():  # children adopted before (an upgrade's)
+            self._loop.add_reader(pidfd, self._child_exited, pid)
         self.reap()  # exits that happened before the handler was installed
 
     def uninstall(self) -> None:
         self._loop.remove_signal_handler(signal.SIGCHLD)
+        for pidfd in self._child_pidfds.values():
+            self._loop.remove_reader(pidfd)  # kept: a later install() watches them again
         self.installed = False
         for pidfd in list(self._pidfds):
             self.unwatch_foreign(pidfd)
-        for pid in list(self._child_pidfds):
-            self._unwatch_child(pid)
 
     def hold_unknown(self) -> Hold:
         self._holds += 1
@@ -87,9 +89,10 @@ class Reaper:
             self._loop.call_soon(callback, code)
             return
         self._callbacks[pid] = callback
-        if pidfd is not None and self.installed:
+        if pidfd is not None:
             self._child_pidfds[pid] = pidfd
-            self._loop.add_reader(pidfd, self._child_exited, pid)
+            if self.installed:
+                self._loop.add_reader(pidfd, self._child_exited, pid)
         if self.installed:
             self._loop.call_soon(self.reap)  # it may have exited before we asked
 
@@ -103,7 +106,7 @@ class Reaper:
             self._finish(pid)
 
     def _unwatch_child(self, pid: int) -> None:
-        if (pidfd := self._child_pidfds.pop(pid, None)) is not None:
+        if (pidfd := self._child_pidfds.pop(pid, None)) is not None and self.installed:
             self._loop.remove_reader(pidfd)
 
     def watch_foreign(self, pidfd: int, callback: Callable[[], None]) -> None:

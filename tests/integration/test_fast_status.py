@@ -45,6 +45,16 @@ def test_status_and_health_answer_as_the_full_cli_does(start_daemon: DaemonFacto
     assert [w["index"] for w in status["workers"]] == [0, 1]
 
 
+def test_an_unhealthy_herd_is_reported_as_the_full_cli_does(start_daemon: DaemonFactory) -> None:
+    daemon = start_daemon({"command": tinyapp_command(), "workers": 2})
+    daemon.wait_ready(2)
+    assert daemon.cli("stop").returncode == 0
+    fast, full = run(daemon, "health"), run(daemon, "health", full=True)
+    assert fast.returncode == full.returncode == 1
+    assert fast.stdout == full.stdout
+    assert fast.stdout.startswith("unhealthy: the daemon is stopped"), fast.stdout
+
+
 def test_the_fast_path_imports_none_of_the_full_clis_modules(start_daemon: DaemonFactory) -> None:
     daemon = start_daemon({"command": tinyapp_command(), "workers": 1})
     daemon.wait_ready(1)

@@ -100,7 +100,12 @@ def fork_point() -> None:
             _send(channel, {"error": f"fork failed: {exc.strerror or exc}"})
             continue
         _close_all(fds)
-        _send(channel, {"pid": pid})
+        try:
+            _send(channel, {"pid": pid})
+        except OSError:  # the daemon is gone (or gave up on us): nobody would manage that worker
+            with contextlib.suppress(OSError):
+                os.killpg(pid, 9)
+            _exit_quietly()
 
 
 class _InWorker(Exception):

@@ -307,6 +307,33 @@ def test_a_fork_past_spawn_timeout_fails_the_deploy_and_leaves_nothing_running(
     assert {p.pid for p in daemon.worker_processes()} == {serving, int(first.stem.split("-")[0])}
 
 
+def test_a_quit_while_a_fork_is_in_flight_waits_for_it_and_leaves_nothing_running(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """SIGTERM during a deploy cancels its launches; the daemon must not exit before the
+    fork it cut short has answered and its worker is killed: nobody would manage it after."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    command = [sys.executable, str(APPS / "gated_fork_server.py"), str(gate)]
+    daemon = start_daemon({"command": command, "preload": True, "workers": 1, "spawn_timeout": 20})
+    first = wait_for(lambda: next(gate.glob("*.waiting"), None), 20, "the first fork request")
+    (gate / first.stem).touch()
+    daemon.wait_ready(1)
+    restart = daemon.cli_background("restart")
+
+    def second_request() -> Path | None:
+        return next((p for p in gate.glob("*.waiting") if p.stem != first.stem), None)
+
+    held = wait_for(second_request, 20, "the restart's fork request")
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.wait_log(r"waiting for 1 fork\(s\) given up to answer")  # the quit is done but for it
+    (gate / held.stem).touch()  # the fork completes only now
+    assert daemon.proc.wait(30) == 0
+    restart.communicate(timeout=30)
+    late = int(wait_for(lambda: _read(gate / f"{held.stem}.pid"), 10, "the late worker's pid"))
+    assert _gone(late), "the worker forked for the cancelled launch outlived the daemon"
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text() or None

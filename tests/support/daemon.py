@@ -222,6 +222,15 @@ class RunningDaemon:
                     live.append(proc)
         return live
 
+    @staticmethod
+    def _kill_pipe_holders(inode: int) -> None:
+        """Whatever still holds the daemon's output pipe (a process that escaped, the fork
+        server of a test that failed half-way) would keep the reader, and this teardown,
+        waiting for an end of file forever."""
+        for pid in _pipe_holders(inode):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -235,10 +244,27 @@ class RunningDaemon:
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+        if self.proc.stdout is not None and not self.proc.stdout.closed:  # stop() may come twice
+            self._kill_pipe_holders(os.fstat(self.proc.stdout.fileno()).st_ino)
         self._reader.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _pipe_holders(inode: int) -> set[int]:
+    """Other processes with the pipe ``inode`` open (the daemon's output, inherited)."""
+    holders = set()
+    for pid in psutil.pids():
+        if pid == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"pipe:[{inode}]":
+                        holders.add(pid)
+                        break
+    return holders
 
 
 def run_daemon_once(config: Path, *, without_dac_override: bool = False) -> subprocess.CompletedProcess[str]:

@@ -119,6 +119,9 @@ class FakeProcesses:
     def preloaded(self) -> dict[int, int]:
         return {}
 
+    async def settle(self) -> None:
+        return None  # a cancelled fake launch leaves nothing behind
+
     def live(self) -> list[FakeProcess]:
         return [p for p in self.processes if p.alive]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import psutil
@@ -16,22 +15,28 @@ from sockherd.daemon.metrics import Sampler, _family
 
 @pytest.fixture
 def family() -> Iterator[psutil.Process]:
-    # Each level starts the next with the same program, from the environment: a worker's family.
+    # Each level starts the next with the same program, from the environment (a worker's
+    # family), and says "ready" on the shared stdout pipe once it only sleeps: its memory
+    # no longer grows, so two reads a moment apart agree.
     code = (
         "import os, subprocess, sys, time\n"
         "depth = int(sys.argv[1])\n"
         "if depth: subprocess.Popen([sys.executable, '-c', os.environ['FAMILY_CODE'], str(depth - 1)])\n"
+        "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, "2"], env={**os.environ, "FAMILY_CODE": code})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "2"], env={**os.environ, "FAMILY_CODE": code}, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    for _ in range(3):
+        assert proc.stdout.readline() == "ready\n"
     root = psutil.Process(proc.pid)
-    deadline = time.monotonic() + 10
-    while len(root.children(recursive=True)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)  # waiting for the test's own fixture processes to start, not the product
     yield root
     for p in [root, *root.children(recursive=True)]:
         p.kill()
     proc.wait()
+    proc.stdout.close()
 
 
 def test_the_family_is_the_process_and_everything_below_it(family: psutil.Process) -> None:

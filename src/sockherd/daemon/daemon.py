@@ -264,6 +264,9 @@ class Daemon:
     async def _shutdown(self) -> None:
         log.info("stopping all workers")
         await self.ops.quit()
+        with contextlib.suppress(TimeoutError):  # a fork the quit cut short: its worker killed, reaped
+            async with asyncio.timeout(self.config.timeouts.spawn):
+                await self.herd.processes.settle()
         for task in list(self._background):
             task.cancel()
         self.herd.close_state()

@@ -148,6 +148,10 @@ class ProcessLayer(Protocol):
         """generation -> pid of its running fork server."""
         ...
 
+    async def settle(self) -> None:
+        """Until launches given up have left nothing running (the caller bounds the wait)."""
+        ...
+
     def set_socket_mode(self, path: Path, mode: int, gid: int | None) -> None:
         """Give a worker's socket ``mode`` and group (OSError if it is not a socket: never followed)."""
         ...
@@ -207,6 +211,7 @@ class OsProcesses:
         self._reaper = reaper
         self._executor = executor
         self._fork_servers = ForkServers(self._start_fork_server)
+        self._late: set[asyncio.Future[Any]] = set()  # forks given up, and their workers until reaped
 
     async def launch(self, launch: Launch, spawn_timeout: float) -> ProcessHandle:
         if launch.preload is not None:
@@ -331,6 +336,8 @@ class OsProcesses:
             # The fork runs on (a cancelled request would put the channel out of step);
             # whatever it makes is killed and reaped, and the hold ends then.
             server.retire()
+            self._late.add(fork)
+            fork.add_done_callback(self._late.discard)
             fork.add_done_callback(functools.partial(self._kill_late_fork, hold))
             if isinstance(exc, TimeoutError):
                 raise LaunchFailed(f"could not be forked within spawn_timeout ({spawn_timeout}s)") from None
@@ -359,8 +366,20 @@ class OsProcesses:
             return
         pid = fork.result()
         kill_process_group(pid)  # unreaped: its group id is still its own (it leads it before its pid is sent)
-        self._reaper.watch_child(pid, lambda _code: None)
+        reaped: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._late.add(reaped)
+        reaped.add_done_callback(self._late.discard)
+        self._reaper.watch_child(pid, functools.partial(_resolve_exit, reaped))
         hold.release()
+
+    async def settle(self) -> None:
+        """Until every fork given up has answered and the worker it made is reaped: the
+        daemon waits for this (bounded) before it exits, or a worker forked for a launch
+        the quit cancelled would outlive it, managed by nobody."""
+        if self._late:
+            log.info("waiting for %d fork(s) given up to answer, to kill what they made", len(self._late))
+        while self._late:
+            await asyncio.wait(set(self._late))
 
     async def _start_fork_server(
         self, key: ServerKey, channel: socket.socket, spawn_timeout: float

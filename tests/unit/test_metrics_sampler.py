@@ -51,7 +51,9 @@ def test_rss_is_the_familys_and_cpu_a_percentage(family: psutil.Process) -> None
     members = [family, *family.children(recursive=True)]
     expected = sum(p.memory_info().rss for p in members)
     assert abs(rss - expected) <= 0.05 * expected  # the same pages, read a moment apart
-    assert 0.0 <= cpu <= 100.0 * (os.cpu_count() or 1)
+    # The first figure is each process's lifetime average: a single-threaded interpreter
+    # that has just started can be near one core each (three of them, 200 % and more).
+    assert 0.0 <= cpu <= 100.0 * len(members) + 1.0
     sampler.forget_unseen()
     rss2, cpu2 = sampler.usage(family.pid)  # the second round: since the first, and they sleep
     assert rss2 > 0 and cpu2 < 50.0

@@ -119,9 +119,7 @@ def _fork_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]
     the middle process or in the worker's set-up ends that process with status 70
     (EX_SOFTWARE) after printing why: it must never fall back into this loop.
     """
-    for stream in (sys.stdout, sys.stderr):  # what the app printed at import: not once per worker
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+    _flush_stdio()  # what the app printed at import: not once per worker
     read_end, write_end = os.pipe()
     middle = os.fork()
     if middle == 0:
@@ -222,7 +220,11 @@ def _close(fd: int) -> None:
 
 def _exit_quietly(status: int = 0) -> NoReturn:
     """Without atexit: the app's shutdown hooks belong to its workers, not to the fork server."""
+    _flush_stdio()
+    os._exit(status)
+
+
+def _flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
-    os._exit(status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 import pytest
 
 from conftest import DaemonFactory, NginxFactory
+from sockherd import doctor as doctor_module
+from sockherd.doctor_nginx import parse_nginx_version
 from support.daemon import RunningDaemon, tinyapp_command
 from support.http import tcp_get
 from support.nginx import NGINX
@@ -109,3 +112,12 @@ def test_the_configuration_the_suite_serves_through_has_no_finding(
     assert [line for line in lines if ": error: " in line or ": warning: " in line] == []
     assert lines[-1].startswith("0 error(s), 0 warning(s): nothing found would lose requests")
     assert "nginx: nginx -T from stdin" in lines[-1]
+
+
+def test_the_version_of_the_nginx_installed_here_is_read() -> None:
+    binary = doctor_module._nginx_binary()
+    assert binary is not None, "nginx is not installed: scripts/test installs it (e2e tests never skip)"
+    done = subprocess.run([binary, "-v"], capture_output=True, text=True, check=True)
+    expected = re.search(r"nginx/([0-9]+)\.([0-9]+)\.([0-9]+)", done.stderr)
+    assert expected is not None
+    assert parse_nginx_version(doctor_module._nginx_says(binary, "-v")) == tuple(int(n) for n in expected.groups())

@@ -10,7 +10,6 @@ the Deployment's probe commands are run against it as the kubelet would.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import re
 import shutil
@@ -22,12 +21,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from sockherd.cli import build_parser
 from sockherd.config import load_config
-from support.daemon import REPO, wait_for
+from support.daemon import REPO, end_daemon, wait_for
 from support.nginx import free_port
 
 DOCKER = REPO / "examples" / "docker"
@@ -151,17 +149,7 @@ def container(image: Image, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
             text=True,
         )
     yield proc
-    if proc.poll() is None:  # the test failed before its SIGTERM: what `docker stop` does
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for leftover in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if leftover.environ().get("SOCKHERD_IPC") == str(image.tmp_dir / "sockherd.ipc"):
-                leftover.kill()
+    end_daemon(proc, image.tmp_dir / "sockherd.ipc")  # the test may have failed before its SIGTERM
 
 
 def test_the_image_serves_answers_its_probes_and_drains_on_sigterm(

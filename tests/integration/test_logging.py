@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from conftest import DaemonFactory
 from sockherd.client import Client, DaemonUnreachable
-from support.daemon import tinyapp_command, wait_for, write_config
+from support.daemon import end_daemon, tinyapp_command, wait_for, write_config
 
 IDENTITY = ("id", "index", "pid", "generation")
 
@@ -80,17 +79,7 @@ def daemon_with_stderr_in(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for leftover in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if leftover.environ().get("SOCKHERD_IPC") == str(ipc):
-                    leftover.kill()
+        end_daemon(proc, ipc)
 
 
 def journal_stream_of(path: Path) -> str:

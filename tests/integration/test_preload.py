@@ -252,30 +252,51 @@ def test_the_fork_server_exits_with_the_daemon(tmp_path: Path, start_daemon: Dae
         wait_for(functools.partial(_gone, pid), 10, f"process {pid} to exit")
 
 
+class Gate:
+    """A daemon whose fork server (tests/apps/gated_fork_server.py) forks only when the test
+    opens that request's gate; its first worker is let through and online."""
+
+    def __init__(self, tmp_path: Path, start_daemon: DaemonFactory, **settings: Any) -> None:
+        self.dir = tmp_path / "gate"
+        self.dir.mkdir()
+        command = [sys.executable, str(APPS / "gated_fork_server.py"), str(self.dir)]
+        self.daemon = start_daemon({"command": command, "preload": True, "workers": 1, **settings})
+        self.first = wait_for(lambda: next(self.dir.glob("*.waiting"), None), 20, "the first fork request")
+        self.open(self.first)
+        self.serving: int = self.daemon.wait_ready(1)["workers"][0]["pid"]
+
+    def open(self, request: Path) -> None:
+        (self.dir / request.stem).touch()
+
+    def next_request(self) -> Path:
+        """The fork request after the first one, once the fork server waits on it."""
+
+        def waiting() -> Path | None:
+            return next((p for p in self.dir.glob("*.waiting") if p.stem != self.first.stem), None)
+
+        found: Path = wait_for(waiting, 20, "the next fork request")
+        return found
+
+    def forked(self, request: Path) -> str | None:
+        """The pid the fork server answered with for ``request``, if it forked."""
+        return _read(self.dir / f"{request.stem}.pid")
+
+
 def test_a_stop_while_a_fork_is_in_flight_kills_and_reaps_the_late_worker(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
     """The launch is given up (the stop preempts the restart) while the fork server is still
     forking; the worker it then makes must not be left running, nor as a zombie."""
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    command = [sys.executable, str(APPS / "gated_fork_server.py"), str(gate)]
-    daemon = start_daemon({"command": command, "preload": True, "workers": 1})
-    first = wait_for(lambda: next(gate.glob("*.waiting"), None), 20, "the first fork request")
-    (gate / first.stem).touch()
-    daemon.wait_ready(1)
+    gate = Gate(tmp_path, start_daemon)
+    daemon = gate.daemon
     restart = daemon.cli_background("restart")
-
-    def second_request() -> Path | None:
-        return next((p for p in gate.glob("*.waiting") if p.stem != first.stem), None)
-
-    held = wait_for(second_request, 20, "the restart's fork request")
+    held = gate.next_request()
     stop = daemon.cli("stop")
     assert stop.returncode == 0, stop.stderr
     _, restart_err = restart.communicate(timeout=30)
     assert restart.returncode != 0, restart_err
-    (gate / held.stem).touch()  # the fork server forks now, for a launch nobody waits for
-    late = int(wait_for(lambda: _read(gate / f"{held.stem}.pid"), 10, "the late worker's pid"))
+    gate.open(held)  # the fork server forks now, for a launch nobody waits for
+    late = int(wait_for(lambda: gate.forked(held), 10, "the late worker's pid"))
     wait_for(lambda: not psutil.pid_exists(late), 10, "the late worker to be killed and reaped by the daemon")
     assert daemon.worker_pids() == set() or all(_zombie(p) for p in daemon.worker_pids())
     assert daemon.proc.poll() is None
@@ -285,26 +306,21 @@ def test_a_stop_while_a_fork_is_in_flight_kills_and_reaps_the_late_worker(
 def test_a_fork_past_spawn_timeout_fails_the_deploy_and_leaves_nothing_running(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    command = [sys.executable, str(APPS / "gated_fork_server.py"), str(gate)]
-    daemon = start_daemon({"command": command, "preload": True, "workers": 1, "spawn_timeout": 1})
-    first = wait_for(lambda: next(gate.glob("*.waiting"), None), 20, "the first fork request")
-    (gate / first.stem).touch()
-    serving = daemon.wait_ready(1)["workers"][0]["pid"]
+    gate = Gate(tmp_path, start_daemon, spawn_timeout=1)
+    daemon = gate.daemon
     restart = daemon.cli("restart")
     assert restart.returncode == 1
     assert "could not be forked within spawn_timeout (1.0s)" in restart.stderr, restart.stderr
-    held = next(p for p in gate.glob("*.waiting") if p.stem != first.stem)
+    held = gate.next_request()
     server = int(held.stem.split("-")[0])
-    (gate / held.stem).touch()  # the fork goes ahead now, or the retired server was killed first
+    gate.open(held)  # the fork goes ahead now, or the retired server was killed first
     wait_for(lambda: _gone(server), 10, "the retired fork server to be gone")
-    late = _read(gate / f"{held.stem}.pid")
+    late = gate.forked(held)
     if late is not None:  # it forked before it was killed: that worker was killed and reaped
         wait_for(lambda: not psutil.pid_exists(int(late)), 10, "the late worker to be killed and reaped")
     status = daemon.status()
-    assert [w["pid"] for w in status["workers"]] == [serving]  # the old generation serves on
-    assert {p.pid for p in daemon.worker_processes()} == {serving, int(first.stem.split("-")[0])}
+    assert [w["pid"] for w in status["workers"]] == [gate.serving]  # the old generation serves on
+    assert {p.pid for p in daemon.worker_processes()} == {gate.serving, int(gate.first.stem.split("-")[0])}
 
 
 def test_a_quit_while_a_fork_is_in_flight_waits_for_it_and_leaves_nothing_running(
@@ -312,25 +328,16 @@ def test_a_quit_while_a_fork_is_in_flight_waits_for_it_and_leaves_nothing_runnin
 ) -> None:
     """SIGTERM during a deploy cancels its launches; the daemon must not exit before the
     fork it cut short has answered and its worker is killed: nobody would manage it after."""
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    command = [sys.executable, str(APPS / "gated_fork_server.py"), str(gate)]
-    daemon = start_daemon({"command": command, "preload": True, "workers": 1, "spawn_timeout": 20})
-    first = wait_for(lambda: next(gate.glob("*.waiting"), None), 20, "the first fork request")
-    (gate / first.stem).touch()
-    daemon.wait_ready(1)
+    gate = Gate(tmp_path, start_daemon, spawn_timeout=20)
+    daemon = gate.daemon
     restart = daemon.cli_background("restart")
-
-    def second_request() -> Path | None:
-        return next((p for p in gate.glob("*.waiting") if p.stem != first.stem), None)
-
-    held = wait_for(second_request, 20, "the restart's fork request")
+    held = gate.next_request()
     daemon.proc.send_signal(signal.SIGTERM)
     daemon.wait_log(r"waiting for 1 fork\(s\) given up to answer")  # the quit is done but for it
-    (gate / held.stem).touch()  # the fork completes only now
+    gate.open(held)  # the fork completes only now
     assert daemon.proc.wait(30) == 0
     restart.communicate(timeout=30)
-    late = int(wait_for(lambda: _read(gate / f"{held.stem}.pid"), 10, "the late worker's pid"))
+    late = int(wait_for(lambda: gate.forked(held), 10, "the late worker's pid"))
     assert _gone(late), "the worker forked for the cancelled launch outlived the daemon"
 
 

@@ -267,6 +267,23 @@ def _pipe_holders(inode: int) -> set[int]:
     return holders
 
 
+def end_daemon(proc: subprocess.Popen[str], ipc: Path) -> None:
+    """Teardown of a daemon a test started by hand: SIGTERM (what `docker stop` and
+    systemd send) unless it already exited, SIGKILL after 30 s, then kill whatever it
+    started that is left (found by its IPC path in the environment)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for leftover in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if leftover.environ().get("SOCKHERD_IPC") == str(ipc):
+                leftover.kill()
+
+
 def run_daemon_once(config: Path, *, without_dac_override: bool = False) -> subprocess.CompletedProcess[str]:
     """Start a daemon that is expected to refuse to start.
 

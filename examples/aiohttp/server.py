@@ -89,7 +89,8 @@ class Drain:
 
     async def run(self, server: asyncio.Server, runner: web.AppRunner) -> None:
         self.draining = True
-        await drain.wait_backlog_quiet(server, timeout=2.0)
+        if not worker.backlog_drained():  # the daemon saw the queue empty after the swap: nothing can come
+            await drain.wait_backlog_quiet(server, timeout=2.0)
         await drain.close_after_attach(server)
         assert runner.server is not None
         loop = asyncio.get_running_loop()

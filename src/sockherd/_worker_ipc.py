@@ -47,7 +47,7 @@ class IpcLink:
         self,
         path: str,
         worker_id: str,
-        on_shutdown: Callable[[], None],
+        on_shutdown: Callable[[bool], None],
         on_resume: Callable[[int | None], None],
         *,
         on_message: Callable[[str, Any, Any], None] | None = None,
@@ -281,7 +281,8 @@ class IpcLink:
                 replies.put(msg)
             return greeted
         if msg.type == "shutdown":
-            self._call("shutdown", self._on_shutdown)
+            drained = isinstance(msg.data, dict) and msg.data.get("backlog_drained") is True
+            self._call("shutdown", self._on_shutdown, drained)
             if msg.id is not None:
                 self._reply(msg.id, None)
         elif msg.type == "resume":

@@ -101,7 +101,7 @@ class StreamServer:
         try:
             worker.report_online()
             await self.stopping.wait()
-            if not shared:
+            if not shared and not worker.backlog_drained():  # drained: the daemon saw the queue empty
                 await asyncio.gather(
                     *(drain.wait_backlog_quiet(s, BACKLOG_QUIET, timeout=BACKLOG_TIMEOUT) for s in servers)
                 )
@@ -214,8 +214,9 @@ class ThreadedServer:
         """A worker's own socket: what nginx queued before the symlink moved is still ours."""
         selector.unregister(self._wake_r)
         deadline = time.monotonic() + BACKLOG_TIMEOUT
+        quiet = 0.0 if worker.backlog_drained() else BACKLOG_QUIET  # drained: take what is there, no wait
         while time.monotonic() < deadline:
-            events = selector.select(BACKLOG_QUIET)
+            events = selector.select(quiet)
             if not events:
                 return
             for key, _ in events:

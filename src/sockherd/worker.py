@@ -52,6 +52,7 @@ __all__ = [
     "Reply",
     "RequestFailed",
     "backlog",
+    "backlog_drained",
     "bind_socket",
     "id",
     "index",
@@ -120,6 +121,7 @@ class _Worker:
         self._suspend_handler: Callable[[bool], None] | None = None
         self._suspend_hooks: list[tuple[Callable[[], object], asyncio.AbstractEventLoop | None]] = []
         self._shutdown_requested = False
+        self.backlog_drained = False
         self._ready_notified = False
         self._fork_hooks: list[Callable[[], object]] = []
         self._fork_hooks_ran = (0, 0)  # (pid, how many of the hooks ran in it)
@@ -189,7 +191,7 @@ class _Worker:
             self._ready_notified = True
         _sd_notify(self.env.notify_socket, b"READY=1")
 
-    def handle_shutdown_message(self) -> None:
+    def handle_shutdown_message(self, backlog_drained: bool = False) -> None:
         """Called by the IPC thread on ``shutdown``; the handler runs once however often it comes.
 
         A suspended worker is resumed first (its resume hooks run too). Its held
@@ -203,6 +205,7 @@ class _Worker:
             if self._shutdown_requested:
                 return
             self._shutdown_requested = True
+            self.backlog_drained = backlog_drained
             handler = self._shutdown_handler or _default_shutdown_handler
         release = self.resume_state.resume_deferred()
         if release is not None:
@@ -473,6 +476,14 @@ def set_suspend_handler(fn: Callable[[bool], None] | None) -> None:
     thread: trigger, do not perform."""
     with _worker._lock:
         _worker._suspend_handler = fn
+
+
+def backlog_drained() -> bool:
+    """True once the daemon's ``shutdown`` said that no connection can reach this worker's
+    socket any more: the symlink moved and the listen queue has since been seen empty
+    (the daemon's linger). A server may then close its listener at once instead of
+    waiting for its backlog to stay quiet (the uvicorn runner and sockherd.server do)."""
+    return _worker.backlog_drained
 
 
 def set_shutdown_handler(fn: Callable[[], None] | None) -> None:

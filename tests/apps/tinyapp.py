@@ -105,6 +105,8 @@ async def main() -> None:
         from sockherd import worker
 
         def on_shutdown_message() -> None:
+            drained = worker.backlog_drained()
+            print(f"tinyapp {os.getpid()}: shutdown message, backlog drained: {drained}", file=sys.stderr, flush=True)
             loop.call_soon_threadsafe(stop.set)
 
         worker.set_shutdown_handler(on_shutdown_message)

@@ -299,6 +299,32 @@ def test_the_linger_lasts_while_the_old_socket_has_connections_waiting(start_dae
     assert restart.returncode == 0
 
 
+def test_the_shutdown_message_says_whether_the_linger_saw_the_queue_empty(start_daemon: DaemonFactory) -> None:
+    """`backlog_drained` in the shutdown message: true when the old socket's queue was seen
+    empty after the swap (sockherd's servers then close their listener at once), false
+    when the linger ran out with a connection still waiting (they keep accepting)."""
+    daemon = start_daemon({"command": tinyapp_command("--ready", "library"), "linger": 1.0})
+    old_pid = daemon.wait_ready(1)["workers"][0]["pid"]
+    mark = daemon.mark()
+    assert daemon.cli("restart").returncode == 0
+    daemon.wait_log(rf"tinyapp {old_pid}: shutdown message, backlog drained: True", start=mark)
+
+    old = daemon.status()["workers"][0]
+    os.kill(old["pid"], signal.SIGSTOP)
+    waiting = socket.socket(socket.AF_UNIX)
+    try:
+        waiting.connect(old["socket"])  # queued: the frozen worker cannot accept it
+        mark = daemon.mark()
+        restart = daemon.cli_background("restart")
+        daemon.wait_log(rf"pid {old['pid']}\) stopping: sent the shutdown message", start=mark)
+    finally:
+        os.kill(old["pid"], signal.SIGCONT)
+        waiting.close()
+    daemon.wait_log(rf"tinyapp {old['pid']}: shutdown message, backlog drained: False", start=mark)
+    restart.communicate(timeout=30)
+    assert restart.returncode == 0
+
+
 def test_concurrent_deploys_get_busy_and_stop_preempts_a_restart(start_daemon: DaemonFactory) -> None:
     daemon = start_daemon({"command": tinyapp_command("--start-delay", "3"), "online_timeout": 20}, "--no-start")
     wait_for(daemon.ipc.exists, 10, "the IPC socket")

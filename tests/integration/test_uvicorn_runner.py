@@ -196,6 +196,20 @@ def test_keeps_accepting_until_the_backlog_is_quiet(
     assert worker.proc.wait(TIMEOUT) == 0
 
 
+def test_a_drained_shutdown_does_not_wait_for_a_quiet_backlog(
+    start_worker: Callable[..., Worker], fake_daemon: FakeDaemon
+) -> None:
+    """When the daemon's shutdown says it saw the queue empty after the swap
+    (`backlog_drained`), nothing more can arrive: the runner closes its listener at once.
+    The quiet period and its cap are a minute here, so a runner that waited would not
+    exit within the test's timeout."""
+    patched = "import sockherd.uvicorn as m; m.BACKLOG_QUIET = m.BACKLOG_TIMEOUT = 60.0; m.main()"
+    worker = start_worker(command=("-c", patched))
+    fake_daemon.wait_message("online")
+    fake_daemon.send(protocol.message("shutdown", {"backlog_drained": True}))
+    assert worker.proc.wait(TIMEOUT) == 0
+
+
 def test_a_clear_error_without_uvicorn() -> None:
     script = "import sys; sys.modules['uvicorn'] = None; import sockherd.uvicorn"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT, check=False)

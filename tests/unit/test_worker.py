@@ -89,6 +89,7 @@ def test_public_api_is_what_it_claims() -> None:
         *("on_message", "request_handler", "send_message", "request", "request_async", "Reply", "RequestFailed"),
         *("on_suspend", "set_suspend_handler"),
         "on_fork",
+        "backlog_drained",
     }
     assert all(hasattr(worker, name) for name in worker.__all__)
     assert set(worker.__all__) <= set(dir(worker))  # index and suspended are live: served by __getattr__

@@ -470,8 +470,10 @@ class Herd:
         """Between unpublishing ``workers`` and stopping them: until their sockets' queues
         stay empty, ``linger`` at most (sockdiag.linger). Nothing with shared listeners."""
         if not self.listeners and workers:
-            waited = await linger([str(w.socket_path) for w in workers], self.config.timeouts.linger)
+            waited, drained = await linger([str(w.socket_path) for w in workers], self.config.timeouts.linger)
             log.debug("lingered %.3fs before stopping %d worker(s)", waited, len(workers))
+            for w in workers:
+                w.backlog_drained = drained
 
     async def stop_all(self) -> None:
         """Every worker's staged shutdown, all at once; returns when all are reaped."""

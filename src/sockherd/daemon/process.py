@@ -98,6 +98,9 @@ class Worker:
         self.suspended = suspended  # holds requests until resumed (deploys with migrations, standbys)
         self.parked = False  # kept for a rollback (takeback.py): out of traffic until resumed
         self.warning: str | None = None  # something about it that will cost requests (a tiny backlog)
+        # Unpublished and its listen queue seen empty since (sockdiag.linger): nothing can
+        # reach it any more, and its shutdown message says so.
+        self.backlog_drained = False
         self._resume_pending = False
         self.generation = generation
         self.spec = spec
@@ -425,7 +428,7 @@ class Worker:
         t = self.timeouts
         if self.link is not None and self.link.is_open:
             first = "the shutdown message"
-            self.link.send(protocol.message("shutdown"))
+            self.link.send(protocol.message("shutdown", {"backlog_drained": True} if self.backlog_drained else None))
         else:
             first = self.spec.stop_signal.name
             self.signal(self.spec.stop_signal)

@@ -118,21 +118,25 @@ LINGER_QUIET = 0.01  # an empty queue for this long: nothing nginx began before 
 LINGER_POLL = 0.002
 
 
-async def linger(paths: list[str], limit: float) -> float:
+async def linger(paths: list[str], limit: float) -> tuple[float, bool]:
     """The adaptive linger before old workers stop: return once the listen queue of every
     socket at ``paths`` has been seen empty for ``LINGER_QUIET`` (or is gone), at most
-    ``limit`` seconds; the seconds waited. Without sock_diag it waits ``limit``, as before.
+    ``limit`` seconds: (the seconds waited, whether the queues were seen empty). Without
+    sock_diag it waits ``limit``, as before, and cannot say.
 
     After the symlinks moved, a connection can reach an old socket only if nginx
     resolved the link just before the rename; such a connect completes in microseconds
     and then waits in the queue. So once the queues stay empty, the stop signal cannot
-    reset anything, even for a server that closes its listener at once.
+    reset anything, even for a server that closes its listener at once (the ``shutdown``
+    message says so: ``backlog_drained``, and sockherd's own servers then skip their
+    own wait for a quiet backlog).
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
     deadline = start + limit
     wanted = set(paths)
     empty_since: float | None = None
+    drained = False
     while (now := loop.time()) < deadline:
         queues = unix_listen_queues()
         if queues is None:  # no sock_diag: the fixed wait
@@ -144,9 +148,10 @@ async def linger(paths: list[str], limit: float) -> float:
         elif empty_since is None:
             empty_since = now
         elif now - empty_since >= LINGER_QUIET:
+            drained = True
             break
         await asyncio.sleep(LINGER_POLL)
-    return loop.time() - start
+    return loop.time() - start, drained
 
 
 __all__ = ["ListenQueue", "linger", "tcp_listen_queue", "unix_listen_queues"]

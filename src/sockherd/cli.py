@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sockherd import __version__, cli_messaging
+from sockherd.cli_summary import summary
 from sockherd.client import Client, CommandFailed, DaemonUnreachable, RequestFailed
 from sockherd.config import Config, ConfigError, load_config
 from sockherd.status_table import colour_wanted, format_status, health_problems
@@ -283,7 +284,7 @@ def _run_client_command(args: argparse.Namespace) -> int:
         if getattr(args, "count", None) is not None:
             data["count"] = args.count
         result = client.call(args.command, data or None, on_progress=_progress)
-        print(json.dumps(result, indent=2) if getattr(args, "json", False) else _summary(args.command, result))
+        print(json.dumps(result, indent=2) if getattr(args, "json", False) else summary(args.command, result))
         return 0
 
 
@@ -318,41 +319,6 @@ def _status_of_a_dead_daemon(ipc: Path, unreachable: DaemonUnreachable, *, as_js
         else:
             print("none of the workers it started is still running")
     return EXIT_UNREACHABLE
-
-
-def _summary(command: str, result: Any) -> str:
-    result = result if isinstance(result, dict) else {}
-    if command == "start" and result.get("result") is False:
-        return "already running"
-    if command in ("start", "restart"):
-        status = result.get("status", {})
-        pids = ", ".join(str(w["pid"]) for w in status.get("workers", []) if w.get("published"))
-        held = " (suspended: run `sockherd resume` to serve)" if status.get("daemon", {}).get("suspended") else ""
-        upgraded = result.get("upgraded")
-        if isinstance(upgraded, dict):
-            held += f"; daemon upgraded in place from {upgraded.get('from')} to {upgraded.get('to')}"
-            held += f" (pid {upgraded.get('pid')})"
-        return f"{command} done: serving from pid(s) {pids}{held}"
-    if command == "rollback":
-        back = result.get("result") if isinstance(result.get("result"), dict) else {}
-        return (
-            f"rollback done: generation {back.get('generation')} serves again "
-            f"({len(back.get('slots', []))} slot(s) moved in {back.get('moved_ms')} ms)"
-        )
-    if command == "commit":
-        return f"commit done: retired {result.get('result', 0)} kept worker(s)"
-    if command == "promote":
-        pids = ", ".join(str(w["pid"]) for w in result.get("status", {}).get("workers", []) if w.get("published"))
-        return f"promote done: serving from pid(s) {pids}"
-    if command == "stop":
-        return f"stopped {result.get('stopped', 0)} worker(s)"
-    if command == "resume":
-        return f"resumed {result.get('resumed', 0)} worker(s)"
-    if command in ("set-workers", "set-standby"):
-        return f"{command} done: {result.get('result')}"
-    if command == "reload":
-        return f"reload done: {result.get('result')}"
-    return f"{command} done"
 
 
 def _duration(text: str) -> float:

@@ -1,4 +1,4 @@
-"""The ``sockherd`` command's entry point, with a fast path for ``status`` and ``health``.
+"""The ``sockherd`` command's entry point, with a fast path for ``status``, ``health`` and deploys.
 
 Monitoring probes and scripts call ``sockherd status --json`` and ``sockherd health``
 every few seconds, and each call used to pay for the full CLI's imports (argparse, the
@@ -15,6 +15,13 @@ daemon, a refused hello, an error reply) hands over to the full CLI
 has. Its output, when it has one, is the full CLI's, byte for byte (a test compares).
 It does not check keys that do not locate the daemon, so a config that was broken
 after the daemon started still shows the running daemon's status here.
+
+``start`` and ``restart`` (with ``--suspended`` and ``--json``, nothing else) take this
+path too: a deploy script waits for the command, and under load the full CLI's start
+and exit were a quarter of a restart's time. Up to the daemon's answer to ``hello``
+anything that goes wrong hands over as above (nothing was asked yet); from the moment
+the command is sent this path owns it and reports its progress, its result and its
+failure exactly as the full CLI would: the command must never be sent twice.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ __all__ = ["main", "run"]
 PROTOCOL_VERSION = 1
 DEFAULT_IPC_FILE = "sockherd.ipc"  # the `ipc_file` default in config_settings (a test keeps them equal)
 TIMEOUT = 10.0  # seconds for the daemon to answer; beyond it, the full CLI says what is wrong
-EXIT_FAILED = 1
+EXIT_FAILED, EXIT_UNREACHABLE = 1, 3  # the full CLI's
+DEPLOYS = ("start", "restart")
 
 
 class _Fallback(Exception):
@@ -53,15 +61,22 @@ def main() -> int:
 
 
 def run(argv: list[str]) -> int | None:
-    """Run ``status [--json]`` or ``health``; None when the full CLI must (see the module docs)."""
+    """Run ``status [--json]``, ``health`` or a plain deploy; None when the full CLI must (see the module docs)."""
     parsed = _parse(argv)
     if parsed is None:
         return None
-    command, as_json, config, ipc = parsed
+    command, options, config, ipc = parsed
     try:
-        status = _ask_status(ipc if ipc is not None else _locate_ipc(config))
+        connection = _Connection(ipc if ipc is not None else _locate_ipc(config))
     except (_Fallback, ConfigError, OSError, ValueError, KeyError, TypeError):
         return None
+    with connection:
+        if command in DEPLOYS:
+            return _deploy(connection, command, options)
+        try:
+            status = connection.ask_status()
+        except (_Fallback, OSError, ValueError, KeyError, TypeError):
+            return None
     from sockherd import status_table
 
     try:
@@ -69,7 +84,7 @@ def run(argv: list[str]) -> int | None:
             problems = status_table.health_problems(status)
             print("healthy" if not problems else "unhealthy: " + "; ".join(problems))
             return EXIT_FAILED if problems else 0
-        if as_json:
+        if "--json" in options:
             print(json.dumps(status, indent=2))
         else:
             print(status_table.format_status(status, colour=status_table.colour_wanted(sys.stdout)))
@@ -78,10 +93,10 @@ def run(argv: list[str]) -> int | None:
     return 0
 
 
-def _parse(argv: list[str]) -> tuple[str, bool, str | None, str | None] | None:
-    """(command, --json, -c, -i) for the forms this path serves; None for anything else."""
+def _parse(argv: list[str]) -> tuple[str, frozenset[str], str | None, str | None] | None:
+    """(command, its options, -c, -i) for the forms this path serves; None for anything else."""
     command: str | None = None
-    as_json = False
+    options: set[str] = set()
     where: dict[str, str] = {}
     args = iter(argv)
     for arg in args:
@@ -93,15 +108,67 @@ def _parse(argv: list[str]) -> tuple[str, bool, str | None, str | None] | None:
             if not value or where:  # a value missing, or both given (the full CLI refuses that)
                 return None
             where[key] = value
-        elif arg in ("status", "health") and command is None:
+        elif arg in ("status", "health", *DEPLOYS) and command is None:
             command = arg
-        elif arg == "--json" and command == "status" and not as_json:
-            as_json = True
+        elif arg not in options and (
+            (arg == "--json" and command in ("status", *DEPLOYS)) or (arg == "--suspended" and command in DEPLOYS)
+        ):
+            options.add(arg)
         else:
             return None
     if command is None:
         return None
-    return command, as_json, where.get("config"), where.get("ipc")
+    return command, frozenset(options), where.get("config"), where.get("ipc")
+
+
+def _deploy(connection: _Connection, command: str, options: frozenset[str]) -> int | None:
+    """``start``/``restart``: hand over until the daemon greeted us, then see it through."""
+    try:
+        connection.hello()
+    except (_Fallback, OSError, ValueError, KeyError, TypeError):
+        return None
+    request: dict[str, Any] = {"type": command, "id": 2}
+    if "--suspended" in options:
+        request["data"] = {"suspended": True}
+    try:
+        connection.send(request)
+    except OSError as exc:
+        print(f"sockherd: could not send to the daemon: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        while True:
+            reply = connection.reply(2, timeout=None)  # a deploy takes as long as the daemon works
+            errors = reply.get("errors")
+            if errors:
+                return _failed(command, [str(e) for e in errors], reply.get("data"))
+            data = reply.get("data")
+            if reply.get("done"):
+                break
+            if isinstance(data, dict) and "progress" in data:
+                print(str(data["progress"]), file=sys.stderr, flush=True)
+    except (_Closed, OSError) as exc:
+        print(f"sockherd: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+    from sockherd.cli_summary import summary
+
+    try:
+        print(json.dumps(data, indent=2) if "--json" in options else summary(command, data))
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _failed(command: str, errors: list[str], data: Any) -> int:
+    """As the full CLI reports a CommandFailed."""
+    print(f"sockherd: {command} failed: {'; '.join(errors)}", file=sys.stderr)
+    output = data.get("output") if isinstance(data, dict) else None
+    if output:
+        print("last output of the failed worker:", file=sys.stderr)
+        for line in output:
+            print(f"  | {line}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _locate_ipc(config: str | None) -> str:
@@ -119,32 +186,84 @@ def _locate_ipc(config: str | None) -> str:
     return os.path.join(anchor_path(tmp_dir, os.path.dirname(first), home), ipc_file)
 
 
-def _ask_status(ipc: str) -> dict[str, Any]:
-    """Hello and status, pipelined on one connection; the status reply's data."""
-    import _socket
+class _Closed(Exception):
+    """The connection ended before the answer did (the full CLI's DaemonUnreachable words)."""
 
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        sock.settimeout(TIMEOUT)
-        sock.connect(ipc)
+
+class _Connection:
+    """One connection to the IPC socket: newline-delimited JSON frames (sockherd.protocol)."""
+
+    def __init__(self, ipc: str) -> None:
+        import _socket
+
+        self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self._buffer = b""
+        try:
+            self._sock.settimeout(TIMEOUT)
+            self._sock.connect(ipc)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def __enter__(self) -> _Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def send(self, *frames: dict[str, Any]) -> None:
+        self._sock.sendall(b"".join(json.dumps(f, separators=(",", ":")).encode() + b"\n" for f in frames))
+
+    def _hello_frame(self) -> dict[str, Any]:
         hello = {"role": "client", "pid": os.getpid(), "version": PROTOCOL_VERSION}
-        frames = [{"type": "hello", "id": 1, "data": hello}, {"type": "status", "id": 2}]
-        sock.sendall(b"".join(json.dumps(f, separators=(",", ":")).encode() + b"\n" for f in frames))
-        buffer = b""
-        while True:
-            line, newline, rest = buffer.partition(b"\n")
-            if not newline:
-                data = sock.recv(65536)
-                if not data:
+        return {"type": "hello", "id": 1, "data": hello}
+
+    def hello(self) -> None:
+        """Greeted, or _Fallback (a refused hello: the full CLI says why)."""
+        self.send(self._hello_frame())
+        try:
+            reply = self.reply(1, timeout=TIMEOUT)
+        except _Closed:
+            raise _Fallback from None
+        if reply.get("errors") or not reply.get("done"):
+            raise _Fallback
+
+    def ask_status(self) -> dict[str, Any]:
+        """Hello and status, pipelined; the status reply's data."""
+        self.send(self._hello_frame(), {"type": "status", "id": 2})
+        try:
+            while True:
+                reply = self.reply(None, timeout=TIMEOUT)
+                if reply.get("errors"):
                     raise _Fallback
-                buffer += data
+                if reply.get("request_id") == 2 and reply.get("done"):
+                    status: dict[str, Any] = reply["data"]
+                    return status
+        except _Closed:
+            raise _Fallback from None
+
+    def reply(self, request_id: int | None, *, timeout: float | None) -> dict[str, Any]:
+        """The next reply (to ``request_id``, if given); _Closed if the connection ends first."""
+        self._sock.settimeout(timeout)
+        while True:
+            line, newline, rest = self._buffer.partition(b"\n")
+            if not newline:
+                try:
+                    data = self._sock.recv(65536)
+                except TimeoutError:
+                    raise _Closed(f"the daemon did not answer within {timeout}s") from None
+                except ConnectionError as exc:
+                    raise _Closed(f"the daemon closed the connection ({exc.strerror})") from None
+                if not data:
+                    raise _Closed("the daemon closed the connection")
+                self._buffer += data
                 continue
-            buffer = rest
-            reply = json.loads(line)
-            if reply.get("type") != "reply" or reply.get("errors"):
-                raise _Fallback
-            if reply.get("request_id") == 2 and reply.get("done"):
-                status: dict[str, Any] = reply["data"]
-                return status
-    finally:
-        sock.close()
+            self._buffer = rest
+            try:
+                frame = json.loads(line)
+            except ValueError as exc:
+                raise _Closed(f"the daemon sent something this client cannot read: {exc}") from None
+            if not isinstance(frame, dict) or frame.get("type") != "reply":
+                continue  # not a reply (nothing else is sent to clients today)
+            if request_id is None or frame.get("request_id") == request_id:
+                return frame

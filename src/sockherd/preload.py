@@ -47,9 +47,10 @@ from typing import Any, NoReturn
 
 from sockherd import worker
 
-__all__ = ["PRELOAD_FD_VAR", "fork_point", "preloading"]
+__all__ = ["PRELOAD_FD_VAR", "SPARE_VAR", "fork_point", "preloading", "warm_point"]
 
 PRELOAD_FD_VAR = "SOCKHERD_PRELOAD_FD"
+SPARE_VAR = "SOCKHERD_PRELOAD_SPARE"  # set for a spare: wait at warm_point for the next deploy
 MAX_REQUEST = 64 * 1024
 MAX_FDS = 64
 _SD_LISTEN_FDS_START = 3
@@ -60,6 +61,61 @@ log = logging.getLogger("sockherd.preload")
 def preloading() -> bool:
     """True in the fork server (the daemon asked this process to preload the app)."""
     return bool(os.environ.get(PRELOAD_FD_VAR))
+
+
+_warm_point_reached = False  # the program calls warm_point: the daemon may keep spares of it
+
+
+def warm_point() -> None:
+    """Where a *spare* fork server waits for the next deploy: after the server's own
+    imports, before the app's. Call it just before importing the app (the uvicorn runner
+    does); without a spare to be, it returns at once.
+
+    Between deploys the daemon keeps one spare per preloaded command: the interpreter
+    started and the server imported ahead of time. A deploy hands it the workers' log
+    files and the config's ``cwd``; the spare checks that nothing it loaded has changed
+    on disk since (:mod:`sockherd._import_snapshot`: a ``pip install -U`` of uvicorn,
+    another interpreter, a ``current`` symlink flipped to another release) and returns,
+    so the caller imports the app, as fresh as a cold start's, and reaches
+    :func:`fork_point`. If anything changed it tells the daemon, which starts the fork
+    server afresh, and exits. Programs that never call this get no spares.
+    """
+    global _warm_point_reached
+    _warm_point_reached = True
+    if not os.environ.pop(SPARE_VAR, None):
+        return
+    from sockherd._import_snapshot import ImportSnapshot
+
+    fd_text = os.environ.get(PRELOAD_FD_VAR)
+    if not fd_text:
+        return
+    channel = socket.socket(fileno=int(fd_text))
+    try:
+        snapshot = ImportSnapshot.take()
+        _send(channel, {"warm": True, "pid": os.getpid()})
+        request, fds = _receive(channel)
+        if request is None:
+            _exit_quietly()  # retired before any deploy came
+        _take_outputs(request.get("outputs", []), fds)
+        try:
+            os.chdir(str(request.get("cwd", ".")))
+            stale = snapshot.changed()
+        except OSError as exc:
+            stale = f"its working directory is gone ({exc.strerror})"
+        if stale is not None:
+            _send(channel, {"stale": stale})
+            _exit_quietly()
+    finally:
+        channel.detach()  # the descriptor stays: fork_point uses it
+
+
+def _take_outputs(names: list[str], fds: list[int]) -> None:
+    """The deploy's own log files on stdout/stderr: the files named in the config may have
+    been rotated since the spare started."""
+    _flush_stdio()
+    for name, fd in zip(names, fds, strict=False):
+        os.dup2(fd, 1 if name == "stdout" else 2)
+    _close_all(fds)
 
 
 def fork_point() -> None:
@@ -86,7 +142,7 @@ def fork_point() -> None:
     # write to it (a collection touches every tracked object's header): its pages stay
     # shared copy-on-write. Python's gc docs recommend exactly this before forking.
     gc.freeze()
-    _send(channel, {"ready": True, "pid": os.getpid()})
+    _send(channel, {"ready": True, "pid": os.getpid(), "spares": _warm_point_reached})
     while True:
         request, fds = _receive(channel)
         if request is None:

@@ -60,6 +60,7 @@ async def _app(scope: Scope, receive: Receive, send: Send) -> None:
         {
             "pid": os.getpid(),
             "release": RELEASE,
+            "module_file": __file__,
             "imported_in": IMPORTED_IN,
             "forked_in": FORKED_IN,
             "resumed_in": RESUMED_IN,

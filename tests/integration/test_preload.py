@@ -21,31 +21,10 @@ import psutil
 
 from conftest import DaemonFactory
 from sockherd.daemon.forkserver import PRELOAD_FD_VAR
-from support.daemon import RunningDaemon, bump, installable_copy, wait_for
-from support.http import build_request, read_response, unix_get
+from support.daemon import bump, installable_copy, wait_for
+from support.http import build_request, read_response
 from support.nginx import free_port
-
-APPS = Path(__file__).resolve().parents[1] / "apps"
-RUNNER = [sys.executable, "-m", "sockherd.uvicorn", "preload_app:app"]
-
-
-def preloaded(tmp_path: Path, **settings: Any) -> tuple[dict[str, Any], dict[str, str], Path]:
-    release = tmp_path / "release"
-    release.write_text("1")
-    config = {"command": RUNNER, "cwd": str(APPS), "preload": True, "workers": 2, "env": ["RELEASE_FILE"], **settings}
-    return config, {"RELEASE_FILE": str(release)}, release
-
-
-def answer(daemon: RunningDaemon, index: int) -> dict[str, Any]:
-    response = unix_get(str(daemon.tmp_dir / f"app.{index}.sock"))
-    assert response.status == 200, response
-    result: dict[str, Any] = json.loads(response.body)
-    return result
-
-
-def fork_servers(daemon: RunningDaemon) -> dict[str, int]:
-    servers: dict[str, int] = daemon.status()["daemon"]["preloaded"]
-    return servers
+from support.preloaded import APPS, answer, fork_servers, gone, preloaded, zombie
 
 
 def test_workers_are_forked_from_one_import_and_are_the_daemons_children(
@@ -116,7 +95,7 @@ def test_a_restart_imports_the_new_release_once_and_retires_the_old_fork_server(
     assert new_server != old_server
     answers = [answer(daemon, i) for i in range(2)]
     assert all(a["release"] == "2" and a["imported_in"] == new_server for a in answers), answers
-    wait_for(lambda: not psutil.pid_exists(old_server) or _zombie(old_server), 10, "the old fork server to exit")
+    wait_for(lambda: not psutil.pid_exists(old_server) or zombie(old_server), 10, "the old fork server to exit")
 
 
 def test_new_code_that_fails_to_import_fails_the_restart_and_the_old_generation_serves(
@@ -221,7 +200,7 @@ def test_a_daemon_started_after_a_crash_adopts_forked_workers(tmp_path: Path, st
         first.proc.kill()
         first.proc.wait(10)
         # Its channel closed with the daemon: the fork server leaves; the workers serve on.
-        wait_for(lambda: not psutil.pid_exists(old_server) or _zombie(old_server), 10, "the fork server to exit")
+        wait_for(lambda: not psutil.pid_exists(old_server) or zombie(old_server), 10, "the fork server to exit")
         assert {answer(first, i)["pid"] for i in range(2)} == workers
         second = start_daemon({**settings, "tmp_dir": str(first.tmp_dir)}, env=env)
         second.wait_log(r"adopted 2 worker\(s\)")
@@ -249,7 +228,7 @@ def test_the_fork_server_exits_with_the_daemon(tmp_path: Path, start_daemon: Dae
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
     for pid in (server, *workers):
-        wait_for(functools.partial(_gone, pid), 10, f"process {pid} to exit")
+        wait_for(functools.partial(gone, pid), 10, f"process {pid} to exit")
 
 
 class Gate:
@@ -298,7 +277,7 @@ def test_a_stop_while_a_fork_is_in_flight_kills_and_reaps_the_late_worker(
     gate.open(held)  # the fork server forks now, for a launch nobody waits for
     late = int(wait_for(lambda: gate.forked(held), 10, "the late worker's pid"))
     wait_for(lambda: not psutil.pid_exists(late), 10, "the late worker to be killed and reaped by the daemon")
-    assert daemon.worker_pids() == set() or all(_zombie(p) for p in daemon.worker_pids())
+    assert daemon.worker_pids() == set() or all(zombie(p) for p in daemon.worker_pids())
     assert daemon.proc.poll() is None
     assert daemon.status()["workers"] == []
 
@@ -314,7 +293,7 @@ def test_a_fork_past_spawn_timeout_fails_the_deploy_and_leaves_nothing_running(
     held = gate.next_request()
     server = int(held.stem.split("-")[0])
     gate.open(held)  # the fork goes ahead now, or the retired server was killed first
-    wait_for(lambda: _gone(server), 10, "the retired fork server to be gone")
+    wait_for(lambda: gone(server), 10, "the retired fork server to be gone")
     late = gate.forked(held)
     if late is not None:  # it forked before it was killed: that worker was killed and reaped
         wait_for(lambda: not psutil.pid_exists(int(late)), 10, "the late worker to be killed and reaped")
@@ -338,7 +317,7 @@ def test_a_quit_while_a_fork_is_in_flight_waits_for_it_and_leaves_nothing_runnin
     assert daemon.proc.wait(30) == 0
     restart.communicate(timeout=30)
     late = int(wait_for(lambda: gate.forked(held), 10, "the late worker's pid"))
-    assert _gone(late), "the worker forked for the cancelled launch outlived the daemon"
+    assert gone(late), "the worker forked for the cancelled launch outlived the daemon"
 
 
 def _read(path: Path) -> str | None:
@@ -361,17 +340,6 @@ def test_the_fork_server_variable_is_the_one_the_library_reads() -> None:
     from sockherd import preload
 
     assert preload.PRELOAD_FD_VAR == PRELOAD_FD_VAR
-
-
-def _gone(pid: int) -> bool:
-    return not psutil.pid_exists(pid) or _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _cli(*args: str) -> Any:

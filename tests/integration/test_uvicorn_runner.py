@@ -210,6 +210,26 @@ def test_a_drained_shutdown_does_not_wait_for_a_quiet_backlog(
     assert worker.proc.wait(TIMEOUT) == 0
 
 
+def test_a_shutdown_wakes_the_main_loop(start_worker: Callable[..., Worker], fake_daemon: FakeDaemon) -> None:
+    """uvicorn's main loop looks at its exit flag once per tick; the runner's is woken by
+    the shutdown itself. With a one-minute tick, a runner that waited for the tick would
+    not exit within the test's timeout."""
+    patched = "import sockherd.uvicorn as m; m.TICK = 60.0; m.main()"
+    worker = start_worker(command=("-c", patched))
+    fake_daemon.wait_message("online")
+    fake_daemon.send(protocol.message("shutdown", {"backlog_drained": True}))
+    assert worker.proc.wait(TIMEOUT) == 0
+
+
+def test_a_sigterm_wakes_the_main_loop(start_worker: Callable[..., Worker], fake_daemon: FakeDaemon) -> None:
+    patched = "import sockherd.uvicorn as m; m.TICK = 60.0; m.main()"
+    worker = start_worker(command=("-c", patched))
+    fake_daemon.wait_message("online")
+    worker.proc.send_signal(signal.SIGTERM)
+    worker.wait_line("Shutting down: draining connections")
+    assert worker.proc.wait(TIMEOUT) == -signal.SIGTERM  # drained, then uvicorn raises the signal again
+
+
 def test_a_clear_error_without_uvicorn() -> None:
     script = "import sys; sys.modules['uvicorn'] = None; import sockherd.uvicorn"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT, check=False)

@@ -113,11 +113,15 @@ class FakeProcesses:
             return None
         return proc
 
-    def retain_preloaded(self, generations: Collection[int]) -> None:
+    def retain_preloaded(self, generations: Collection[int], *, spare: bool = False) -> None:
         self.preloaded_generations = set(generations)  # what a real layer would keep fork servers for
+        self.spare_wanted = spare  # whether the herd was idle (a real layer would keep a spare)
 
     def preloaded(self) -> dict[int, int]:
         return {}
+
+    def preload_spare(self) -> int | None:
+        return None
 
     async def settle(self) -> None:
         return None  # a cancelled fake launch leaves nothing behind

@@ -11,19 +11,25 @@ from sockherd import cli_fast, protocol
 from sockherd.config import load_config
 from sockherd.config_settings import SETTINGS
 
+NONE: frozenset[str] = frozenset()
+
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["status"], ("status", False, None, None)),
-        (["status", "--json"], ("status", True, None, None)),
-        (["-c", "x.toml", "status"], ("status", False, "x.toml", None)),
-        (["status", "--config=x.toml", "--json"], ("status", True, "x.toml", None)),
-        (["--ipc", "/run/a.ipc", "health"], ("health", False, None, "/run/a.ipc")),
-        (["health", "-i", "/run/a.ipc"], ("health", False, None, "/run/a.ipc")),
+        (["status"], ("status", NONE, None, None)),
+        (["status", "--json"], ("status", frozenset({"--json"}), None, None)),
+        (["-c", "x.toml", "status"], ("status", NONE, "x.toml", None)),
+        (["status", "--config=x.toml", "--json"], ("status", frozenset({"--json"}), "x.toml", None)),
+        (["--ipc", "/run/a.ipc", "health"], ("health", NONE, None, "/run/a.ipc")),
+        (["health", "-i", "/run/a.ipc"], ("health", NONE, None, "/run/a.ipc")),
+        (["restart"], ("restart", NONE, None, None)),
+        (["-c", "x.toml", "restart", "--json"], ("restart", frozenset({"--json"}), "x.toml", None)),
+        (["start", "--suspended"], ("start", frozenset({"--suspended"}), None, None)),
+        (["restart", "--suspended", "--json"], ("restart", frozenset({"--suspended", "--json"}), None, None)),
     ],
 )
-def test_the_forms_it_serves(argv: list[str], expected: tuple[str, bool, str | None, str | None]) -> None:
+def test_the_forms_it_serves(argv: list[str], expected: tuple[str, frozenset[str], str | None, str | None]) -> None:
     assert cli_fast._parse(argv) == expected
 
 
@@ -31,16 +37,24 @@ def test_the_forms_it_serves(argv: list[str], expected: tuple[str, bool, str | N
     "argv",
     [
         [],
-        ["restart"],
+        ["stop"],
         ["status", "--watch"],
         ["status", "-h"],
         ["--json", "status"],  # the full CLI's argparse says where --json belongs
         ["health", "--json"],
         ["status", "status"],
         ["status", "--json", "--json"],
+        ["status", "--suspended"],
         ["-c", "a.toml", "-i", "b.ipc", "status"],  # mutually exclusive: the full CLI refuses it
         ["status", "-c"],
         ["--version"],
+        ["restart", "--upgrade"],
+        ["restart", "--canary", "1"],
+        ["restart", "--keep-previous", "5m"],
+        ["restart", "--max-attempts", "2"],
+        ["restart", "--suspended", "--suspended"],
+        ["restart", "-h"],
+        ["restart", "status"],
     ],
 )
 def test_anything_else_goes_to_the_full_cli(argv: list[str]) -> None:

@@ -413,6 +413,7 @@ class Daemon:
                 "rolled_back": herd.rolled_back,
                 # preload: generation (as a string, JSON's keys) -> pid of its fork server
                 "preloaded": {str(gen): pid for gen, pid in sorted(herd.processes.preloaded().items())},
+                "preload_spare": herd.processes.preload_spare(),  # pid of the next deploy's fork server, warm
             },
             "workers": herd.status(),
             "slots": herd.healer.slot_status(),

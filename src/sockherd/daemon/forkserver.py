@@ -14,9 +14,11 @@ Failure is a failed launch, with the same words a worker's would have: a fork se
 that exits before ``ready`` (the app failed to import: its traceback is in the workers'
 log, which the failed deploy shows), or that does not say ``ready`` within
 ``online_timeout``. A fork server that dies later is started again by the next launch
-of its generation. Fork servers live while their generation does (the herd tells this
-module which generations still have workers or may start some) and exit on their own
-when the channel closes: when the daemon retires them, execs an upgrade, or dies.
+of its generation. Fork servers live while their generation does (the herd tells
+:mod:`sockherd.daemon.forkservers` which generations still have workers or may start
+some) and exit on their own when the channel closes: when the daemon retires them,
+execs an upgrade, or dies. A fork server may also begin as a *spare*, started between
+deploys and waiting at ``warm_point`` (:meth:`ForkServer.wait_warm`, :meth:`ForkServer.go`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from sockherd.daemon.reaper import kill_process_group
 log = logging.getLogger("sockherd")
 
 PRELOAD_FD_VAR = "SOCKHERD_PRELOAD_FD"  # sockherd.preload reads it (a test keeps the two equal)
+SPARE_VAR = "SOCKHERD_PRELOAD_SPARE"  # sockherd.preload.warm_point reads it (a test keeps the two equal)
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 _MAX_MESSAGE = 64 * 1024
 _EXIT_GRACE = 2.0  # a retired fork server that has not exited by then is killed
@@ -82,6 +84,8 @@ class ForkServer:
         self._busy = False  # a request is on the channel, its answer not yet read
         self._kill_timer: asyncio.TimerHandle | None = None
         self.usable = True  # False once retired, dead, or out of step with its channel
+        self.supports_spares = False  # its program calls preload.warm_point (forkservers.py)
+        self.started_at = asyncio.get_running_loop().time()
 
     @property
     def alive(self) -> bool:
@@ -98,6 +102,47 @@ class ForkServer:
         if not reply.get("ready"):
             self.retire()
             raise ForkFailed(f"could not be forked: the preload process answered {reply!r} instead of ready")
+        self.supports_spares = reply.get("spares") is True
+
+    async def wait_warm(self, timeout: float) -> None:  # noqa: ASYNC109 (the config's online_timeout)
+        """A spare: until it has started and imported the server, and waits for a deploy."""
+        try:
+            reply = await asyncio.wait_for(self._receive(), timeout)
+        except TimeoutError:
+            self.retire()
+            raise ForkFailed(f"did not start within online_timeout ({timeout}s)") from None
+        if not reply.get("warm"):
+            self.retire()
+            raise ForkFailed(f"answered {reply!r} instead of warm")
+
+    async def go(self, cwd: str, outputs: list[tuple[str, int]], timeout: float) -> str | None:  # noqa: ASYNC109
+        """A warm spare becomes a generation's fork server: it gets the log files and the
+        ``cwd``, checks that nothing it loaded changed on disk, imports the app. None once it
+        is ready; the reason when it was out of date (it exits: start one afresh).
+        Raises ForkFailed as :meth:`wait_ready` does (the app failed to import)."""
+        try:
+            await self._send(
+                json.dumps({"go": True, "cwd": cwd, "outputs": [n for n, _ in outputs]}).encode(),
+                [fd for _, fd in outputs],
+            )
+        except ForkFailed:
+            return "it was gone"
+        try:
+            reply = await asyncio.wait_for(self._receive(), timeout)
+        except TimeoutError:
+            self.retire()
+            raise ForkFailed(
+                f"could not be forked: its preloaded app did not finish loading within online_timeout ({timeout}s)"
+            ) from None
+        stale = reply.get("stale")
+        if isinstance(stale, str):
+            self.retire()
+            return stale
+        if not reply.get("ready"):
+            self.retire()
+            raise ForkFailed(f"could not be forked: the preload process answered {reply!r} instead of ready")
+        self.supports_spares = reply.get("spares") is True
+        return None
 
     async def fork(
         self,
@@ -208,79 +253,16 @@ class ForkServer:
             self._channel.close()
 
 
-# Starts the fork server's process with the channel's other end: (its pid, its exit).
-StartServer = Callable[[ServerKey, socket.socket, float], Awaitable[tuple[int, asyncio.Future[int]]]]
-
-
-class ForkServers:
-    """The fork servers of the generations that may still start workers, by what they run."""
-
-    def __init__(self, start_process: StartServer) -> None:
-        self._start_process = start_process
-        self._servers: dict[ServerKey, asyncio.Task[ForkServer]] = {}
-        self._subreaper = False
-
-    async def server_for(self, key: ServerKey, spawn_timeout: float, ready_timeout: float) -> ForkServer:
-        """The running fork server for ``key``, started (and awaited until ready) if needed.
-        Concurrent launches of one generation share one start, and its failure."""
-        task = self._servers.get(key)
-        if task is not None and task.done() and (task.cancelled() or task.exception() or not task.result().alive):
-            task = None
-        if task is None:
-            task = asyncio.ensure_future(self._start(key, spawn_timeout, ready_timeout))
-            self._servers[key] = task
-        return await asyncio.shield(task)
-
-    async def _start(self, key: ServerKey, spawn_timeout: float, ready_timeout: float) -> ForkServer:
-        if not self._subreaper:
-            become_subreaper()
-            self._subreaper = True
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            ours.setblocking(False)
-            pid, exited = await self._start_process(key, theirs, spawn_timeout)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        server = ForkServer(key, pid, exited, ours)
-        await server.wait_ready(ready_timeout)
-        log.info("preloaded generation %d: fork server pid %d ready", key.generation, pid)
-        return server
-
-    def retain(self, generations: Collection[int]) -> None:
-        """Retire the fork servers of every generation not in ``generations``."""
-        for key, task in list(self._servers.items()):
-            if key.generation in generations:
-                continue
-            del self._servers[key]
-            if task.done():
-                if not task.cancelled() and task.exception() is None:
-                    task.result().retire()
-            else:
-                task.add_done_callback(_retire_when_started)
-
-    def close(self) -> None:
-        self.retain(())
-
-    def pids(self) -> dict[int, int]:
-        """generation -> pid of its fork server, for status."""
-        return {
-            key.generation: task.result().pid
-            for key, task in self._servers.items()
-            if task.done() and not task.cancelled() and task.exception() is None and task.result().alive
-        }
-
-
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
 
-def _retire_when_started(task: asyncio.Task[ForkServer]) -> None:
-    if not task.cancelled() and task.exception() is None:
-        task.result().retire()
-
-
-__all__ = ["PRELOAD_FD_VAR", "ForkFailed", "ForkServer", "ForkServers", "ServerKey", "become_subreaper"]
+__all__ = [
+    "PRELOAD_FD_VAR",
+    "SPARE_VAR",
+    "ForkFailed",
+    "ForkServer",
+    "ServerKey",
+    "become_subreaper",
+]

@@ -255,9 +255,15 @@ class Herd:
             generations.add(self.current.number)
         return generations
 
+    def _idle(self) -> bool:
+        """Running, no deploy in flight, not quitting: the time to prepare the next deploy
+        (a spare fork server, forkserver.py), which then never competes with one."""
+        return self.running and self.pending is None and self.current is not None and not self.coordinator.quitting
+
     def changed(self) -> None:
         self._figures_at = -METRICS_TTL  # the herd changed: the next status reads afresh
-        self.processes.retain_preloaded(self._preloading())  # a generation gone: its fork server too
+        # A generation gone: its fork server too. Idle: a spare for the next deploy.
+        self.processes.retain_preloaded(self._preloading(), spare=self._idle())
         if self._state is not None:
             self._state.changed()
 

@@ -42,7 +42,8 @@ from typing import Any, Protocol
 from sockherd._nofollow import chmod_socket
 from sockherd.daemon.accepting import waits_for_connections
 from sockherd.daemon.environment import open_output
-from sockherd.daemon.forkserver import PRELOAD_FD_VAR, ForkFailed, ForkServers, ServerKey
+from sockherd.daemon.forkserver import PRELOAD_FD_VAR, ForkFailed, ServerKey
+from sockherd.daemon.forkservers import ForkServers
 from sockherd.daemon.listeners import SD_LISTEN_FDS_START
 from sockherd.daemon.reaper import (
     Hold,
@@ -140,12 +141,17 @@ class ProcessLayer(Protocol):
         an exec); None when ``pid`` is gone or now names another process."""
         ...
 
-    def retain_preloaded(self, generations: Collection[int]) -> None:
-        """Retire the fork servers of generations not in ``generations`` (preload)."""
+    def retain_preloaded(self, generations: Collection[int], *, spare: bool = False) -> None:
+        """Retire the fork servers of generations not in ``generations`` (preload); with
+        ``spare`` (the herd is idle) keep a spare fork server for the next deploy."""
         ...
 
     def preloaded(self) -> dict[int, int]:
         """generation -> pid of its running fork server."""
+        ...
+
+    def preload_spare(self) -> int | None:
+        """The pid of the spare fork server waiting for the next deploy, if any."""
         ...
 
     async def settle(self) -> None:
@@ -210,7 +216,7 @@ class OsProcesses:
     def __init__(self, reaper: Reaper, executor: concurrent.futures.Executor | None = None) -> None:
         self._reaper = reaper
         self._executor = executor
-        self._fork_servers = ForkServers(self._start_fork_server)
+        self._fork_servers = ForkServers(self._start_fork_server, self._open_server_outputs)
         self._late: set[asyncio.Future[Any]] = set()  # forks given up, and their workers until reaped
 
     async def launch(self, launch: Launch, spawn_timeout: float) -> ProcessHandle:
@@ -402,11 +408,28 @@ class OsProcesses:
         handle = await self.launch(launch, spawn_timeout)
         return handle.pid, handle.exited
 
-    def retain_preloaded(self, generations: Collection[int]) -> None:
+    def retain_preloaded(self, generations: Collection[int], *, spare: bool = False) -> None:
         self._fork_servers.retain(generations)
+        if spare:
+            self._fork_servers.keep_spare(generations)
 
     def preloaded(self) -> dict[int, int]:
         return self._fork_servers.pids()
+
+    def preload_spare(self) -> int | None:
+        return self._fork_servers.spare_pid()
+
+    def _open_server_outputs(self, key: ServerKey) -> list[tuple[str, int]]:
+        outputs: list[tuple[str, int]] = []
+        try:
+            for name, path in (("stdout", key.stdout), ("stderr", key.stderr)):
+                fd = open_output(path)
+                if fd is not None:
+                    outputs.append((name, fd))
+        except OSError:
+            _close_all([fd for _, fd in outputs])
+            raise
+        return outputs
 
     def adopt(self, pid: int, start_time: int) -> ProcessHandle | None:
         try:

@@ -1,0 +1,120 @@
+"""`start` and `restart` through the CLI's fast path, against a real daemon: the full
+CLI's progress, result and failure reports, without the full CLI's imports; and the
+command is never sent twice (the fast path hands over only before it sends it)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import DaemonFactory
+from support.daemon import RunningDaemon, tinyapp_command
+
+HEAVY = ("argparse", "dataclasses", "socket", "asyncio", "sockherd.cli", "sockherd.config", "sockherd.client")
+
+
+def run(daemon: RunningDaemon, *args: str, full: bool = False) -> subprocess.CompletedProcess[str]:
+    """``sockherd ARGS`` through the console script's path, or straight through the full CLI."""
+    return subprocess.run(
+        command(daemon, *args, full=full), cwd=daemon.workdir, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def command(daemon: RunningDaemon, *args: str, full: bool = False) -> list[str]:
+    entry = "from sockherd.cli import main" if full else "from sockherd.cli_fast import main"
+    code = f"import sys; {entry}; sys.argv[0] = 'sockherd'; raise SystemExit(main())"
+    return [sys.executable, "-c", code, *args, "-c", str(daemon.config_path)]
+
+
+def steady(text: str) -> str:
+    """Pids, generations and worker ids differ between two deploys."""
+    return re.sub(r"\b[0-9a-f]{6}\b|\d+", "N", text)
+
+
+def test_a_restart_reports_as_the_full_cli_does(start_daemon: DaemonFactory) -> None:
+    daemon = start_daemon({"command": tinyapp_command(), "workers": 2})
+    daemon.wait_ready(2)
+    fast, full = run(daemon, "restart"), run(daemon, "restart", full=True)
+    assert fast.returncode == full.returncode == 0, (fast.stderr, full.stderr)
+    assert steady(fast.stdout) == steady(full.stdout)
+    assert fast.stdout.startswith("restart done: serving from pid(s) "), fast.stdout
+    assert steady(fast.stderr) == steady(full.stderr)  # the progress lines
+    assert "published; stopping 2 old worker(s)" in fast.stderr
+    pids = {w["pid"] for w in daemon.status()["workers"]}
+    assert fast.stdout.strip() != full.stdout.strip() and str(min(pids)) in full.stdout
+
+
+def test_a_suspended_restart_with_json_is_the_full_clis(start_daemon: DaemonFactory) -> None:
+    daemon = start_daemon({"command": tinyapp_command("--ready", "library"), "workers": 1})
+    daemon.wait_ready(1)
+    fast = run(daemon, "restart", "--suspended", "--json")
+    assert fast.returncode == 0, fast.stderr
+    result = json.loads(fast.stdout)
+    assert result["status"]["daemon"]["suspended"] is True
+    assert "holds requests until `sockherd resume`" in fast.stderr
+    assert daemon.cli("resume").returncode == 0
+    full = run(daemon, "restart", "--suspended", "--json", full=True)
+    assert sorted(json.loads(full.stdout)) == sorted(result)
+
+
+def test_a_failed_restart_reports_as_the_full_cli_does(start_daemon: DaemonFactory, tmp_path: Path) -> None:
+    marker = tmp_path / "broken"
+    daemon = start_daemon(
+        {
+            "command": tinyapp_command("--fail-if-file", str(marker)),
+            "workers": 1,
+            "max_start_attempts": 1,
+            "stderr": str(tmp_path / "workers.log"),
+        }
+    )
+    daemon.wait_ready(1)
+    marker.touch()
+    fast = run(daemon, "restart")
+    (tmp_path / "workers.log").write_text("")  # each report shows the log's last lines: the same ones
+    full = run(daemon, "restart", full=True)
+    assert fast.returncode == full.returncode == 1
+    assert fast.stdout == full.stdout == ""
+    assert steady(fast.stderr) == steady(full.stderr)
+    assert "sockherd: restart failed: " in fast.stderr
+    assert "last output of the failed worker:" in fast.stderr
+    assert "  | tinyapp" in fast.stderr
+
+
+def test_a_daemon_that_dies_during_the_restart_is_reported_once(start_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """Sent, then the connection ends: the fast path says so (exit 3, the full CLI's words)
+    and does not hand the restart over to the full CLI, which would send it again."""
+    slow = tmp_path / "slow"  # the new generation takes its time to start
+    command_line = f"[ -e {shlex.quote(str(slow))} ] && sleep 30; exec {shlex.join(tinyapp_command())}"
+    daemon = start_daemon({"command": ["sh", "-c", command_line], "workers": 1, "online_timeout": 60})
+    daemon.wait_ready(1)
+    slow.touch()
+    mark = daemon.mark()
+    proc = subprocess.Popen(
+        command(daemon, "restart"), cwd=daemon.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        daemon.wait_log("starting generation 2", start=mark)
+        daemon.proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3
+    assert err.endswith("sockherd: the daemon closed the connection\n"), err
+    assert err.count("starting generation 2") == 1
+
+
+def test_the_fast_restart_imports_none_of_the_full_clis_modules(start_daemon: DaemonFactory) -> None:
+    daemon = start_daemon({"command": tinyapp_command(), "workers": 1})
+    daemon.wait_ready(1)
+    code = (
+        "import sys; from sockherd.cli_fast import run; "
+        f"code = run(['restart', '-c', {str(daemon.config_path)!r}]); "
+        f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.stderr.strip().splitlines()[-1] == "0 []", result.stderr

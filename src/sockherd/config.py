@@ -110,6 +110,7 @@ class Config:
     max_age: float | None
     pidfile: Path | None = None
     keep_previous: float | None = None
+    preload_spare: bool = True  # with preload: a spare fork server between deploys (daemon/forkservers.py)
 
     @property
     def ipc_path(self) -> Path:
@@ -168,6 +169,7 @@ class Config:
             "max_age": self.max_age,
             "pidfile": None if self.pidfile is None else str(self.pidfile),
             "keep_previous": self.keep_previous,
+            "preload_spare": self.preload_spare,
         }
 
 
@@ -343,4 +345,5 @@ def _build(path: Path, files: tuple[Path, ...], values: dict[str, Any]) -> Confi
         max_age=values["max_age"],
         pidfile=values["pidfile"],
         keep_previous=values["keep_previous"],
+        preload_spare=values["preload_spare"],
     )

@@ -442,6 +442,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "import the app once per generation and fork its workers from that process (sharing its memory); "
             "for `python -m sockherd.uvicorn` and programs that call `sockherd.preload.fork_point()`",
             boolean),
+    Setting("preload_spare", "boolean", True,
+            "with `preload`: between deploys, keep the next deploy's fork server started up to the app's "
+            "import (an interpreter with the server imported, ~20 MiB), so that a deploy waits only for the "
+            "app; for programs that call `sockherd.preload.warm_point()`, as the uvicorn runner does",
+            boolean),
     Setting("env", "list of strings", [], "names of the daemon's environment variables passed to workers",
             env_names),
     Setting("environment", "table", {}, "variables set for workers; numbers and booleans become strings",

@@ -16,7 +16,7 @@ from pathlib import Path
 from conftest import DaemonFactory
 from sockherd import preload
 from sockherd.daemon.forkserver import SPARE_VAR
-from support.daemon import RunningDaemon, wait_for
+from support.daemon import RunningDaemon, wait_for, write_config
 from support.preloaded import APPS, answer, fork_servers, gone, preloaded
 
 
@@ -61,7 +61,7 @@ def test_a_spare_whose_loaded_files_changed_is_not_used(tmp_path: Path, start_da
     release.write_text("2")
     mark = daemon.mark()
     assert daemon.cli("restart").returncode == 0
-    daemon.wait_log(rf"spare preload process pid {spare} out of date \(.*server_dependency.py changed\)", start=mark)
+    daemon.wait_log(rf"spare preload process pid {spare} not used \(.*server_dependency.py changed\)", start=mark)
     server = next(iter(fork_servers(daemon).values()))
     assert server != spare
     wait_for(functools.partial(gone, spare), 10, "the stale spare to exit")
@@ -89,7 +89,7 @@ def test_a_spare_started_in_another_release_directory_is_not_used(tmp_path: Path
     flipped.rename(current)
     mark = daemon.mark()
     assert daemon.cli("restart").returncode == 0
-    daemon.wait_log(rf"spare preload process pid {spare} out of date \(the working directory is now", start=mark)
+    daemon.wait_log(rf"spare preload process pid {spare} not used \(the working directory is now", start=mark)
     for i in range(2):
         assert answer(daemon, i)["module_file"] == str(releases[1] / "preload_app.py")
 
@@ -146,3 +146,21 @@ def test_no_spare_for_a_program_without_a_warm_point(tmp_path: Path, start_daemo
 
 def test_the_spare_variable_is_the_one_the_library_reads() -> None:
     assert preload.SPARE_VAR == SPARE_VAR
+
+
+def test_preload_spare_false_keeps_none_and_a_reload_to_it_retires_the_spare(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    settings, env, _ = preloaded(tmp_path)
+    daemon = start_daemon(settings, env=env)
+    daemon.wait_ready(2)
+    spare = warm_spare(daemon)
+    write_config(daemon.config_path, {**settings, "tmp_dir": str(daemon.tmp_dir), "preload_spare": False})
+    result = daemon.cli("reload")
+    assert result.returncode == 0, result.stderr
+    assert "preload_spare" in result.stdout
+    wait_for(functools.partial(gone, spare), 10, "the spare to be retired")
+    assert daemon.cli("restart").returncode == 0
+    daemon.wait_ready(2)
+    assert daemon.status()["daemon"]["preload_spare"] is None
+    assert sum("spare preload process" in line for line in daemon.lines) == 1  # the first one's "warm" only

@@ -113,7 +113,7 @@ class FakeProcesses:
             return None
         return proc
 
-    def retain_preloaded(self, generations: Collection[int], *, spare: bool = False) -> None:
+    def retain_preloaded(self, generations: Collection[int], *, spare: bool | None = None) -> None:
         self.preloaded_generations = set(generations)  # what a real layer would keep fork servers for
         self.spare_wanted = spare  # whether the herd was idle (a real layer would keep a spare)
 

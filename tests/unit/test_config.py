@@ -304,6 +304,7 @@ def test_every_default(tmp_path: Path) -> None:
         "max_age": None,
         "pidfile": None,
         "keep_previous": None,
+        "preload_spare": True,
     }
     assert config.worker.stop_signal is signal.SIGTERM
     assert config.worker.socket_mode == 0o660

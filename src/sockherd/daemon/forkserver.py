@@ -126,7 +126,7 @@ class ForkServer:
                 [fd for _, fd in outputs],
             )
         except ForkFailed:
-            return "it was gone"
+            return "it has exited"
         try:
             reply = await asyncio.wait_for(self._receive(), timeout)
         except TimeoutError:

@@ -114,7 +114,7 @@ class ForkServers:
             _close_all(fd for _, fd in outputs)
         if stale is not None:
             server.retire()
-            log.info("spare preload process pid %d out of date (%s): starting one afresh", server.pid, stale)
+            log.info("spare preload process pid %d not used (%s): starting a fork server afresh", server.pid, stale)
             return None
         server.key = key
         log.info(
@@ -180,11 +180,14 @@ class ForkServers:
             del self._servers[key]
             _retire_task(task)
 
-    def close(self) -> None:
-        self.retain(())
+    def drop_spare(self) -> None:
         if self._spare is not None:
             _retire_task(self._spare[1])
             self._spare = None
+
+    def close(self) -> None:
+        self.retain(())
+        self.drop_spare()
 
     def pids(self) -> dict[int, int]:
         """generation -> pid of its fork server, for status."""

@@ -263,7 +263,8 @@ class Herd:
     def changed(self) -> None:
         self._figures_at = -METRICS_TTL  # the herd changed: the next status reads afresh
         # A generation gone: its fork server too. Idle: a spare for the next deploy.
-        self.processes.retain_preloaded(self._preloading(), spare=self._idle())
+        spare = (self._idle() or None) if self.config.preload_spare else False
+        self.processes.retain_preloaded(self._preloading(), spare=spare)
         if self._state is not None:
             self._state.changed()
 

@@ -141,9 +141,10 @@ class ProcessLayer(Protocol):
         an exec); None when ``pid`` is gone or now names another process."""
         ...
 
-    def retain_preloaded(self, generations: Collection[int], *, spare: bool = False) -> None:
-        """Retire the fork servers of generations not in ``generations`` (preload); with
-        ``spare`` (the herd is idle) keep a spare fork server for the next deploy."""
+    def retain_preloaded(self, generations: Collection[int], *, spare: bool | None = None) -> None:
+        """Retire the fork servers of generations not in ``generations`` (preload). The
+        spare fork server for the next deploy: True (the herd is idle) keep one, False
+        (``preload_spare = false``) none, None leave it as it is (a deploy may take it)."""
         ...
 
     def preloaded(self) -> dict[int, int]:
@@ -408,10 +409,12 @@ class OsProcesses:
         handle = await self.launch(launch, spawn_timeout)
         return handle.pid, handle.exited
 
-    def retain_preloaded(self, generations: Collection[int], *, spare: bool = False) -> None:
+    def retain_preloaded(self, generations: Collection[int], *, spare: bool | None = None) -> None:
         self._fork_servers.retain(generations)
-        if spare:
+        if spare is True:
             self._fork_servers.keep_spare(generations)
+        elif spare is False:
+            self._fork_servers.drop_spare()
 
     def preloaded(self) -> dict[int, int]:
         return self._fork_servers.pids()

@@ -18,6 +18,23 @@ DaemonFactory = Callable[..., RunningDaemon]
 NginxFactory = Callable[..., Nginx]
 
 
+@pytest.fixture(autouse=True)
+def _the_test_runner_stays_no_subreaper() -> Iterator[None]:
+    """A test that made pytest itself a child subreaper (the daemon's own code run
+    in-process) would hand it every orphan of the tests after it, which it never reaps:
+    their processes would linger as zombies and "process gone" checks fail far away."""
+    yield
+    assert not _child_subreaper(), "this test made the test runner a child subreaper (PR_SET_CHILD_SUBREAPER)"
+
+
+def _child_subreaper() -> bool:
+    import ctypes
+
+    value = ctypes.c_int()
+    ctypes.CDLL(None, use_errno=True).prctl(37, ctypes.byref(value), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+    return bool(value.value)
+
+
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[DaemonFactory]:
     """``start_daemon({"command": [...], "workers": 2}, "--dev-server=0")`` → RunningDaemon."""

@@ -13,9 +13,14 @@ loaded with what is on disk now, and any difference sends the deploy down the co
 - the interpreter's executable,
 - the ``.pth`` files of the site directories (an editable install, a new path hook),
 - the working directory: the config's ``cwd`` resolved again (a ``current`` symlink
-  flipped to another release means another tree, and usually another virtualenv).
+  flipped to another release means another tree, and usually another virtualenv),
+- where the main script and every ``sys.path`` entry lead now (``python
+  /srv/current/run.py`` after the flip is another release's script even when the file is
+  a hard link to the same inode, and ``PYTHONPATH=/srv/current/lib`` another library).
 
-The app's own modules are not in the snapshot: the spare imports them after the check.
+The app's own modules are not in the snapshot: the spare imports them after the check,
+once :func:`importlib.invalidate_caches` has dropped what the import system remembers of
+directories (a path entry that did not exist yet, a zip file's old table of contents).
 """
 
 from __future__ import annotations
@@ -59,12 +64,22 @@ def _pth_files() -> dict[str, _FileId | None]:
     return found
 
 
+def _resolved_paths() -> dict[str, str]:
+    """The main script and each sys.path entry, as given -> where it leads now."""
+    given = [p for p in sys.path if isinstance(p, str)]
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if isinstance(main_file, str):
+        given.append(main_file)
+    return {p: os.path.realpath(p or ".") for p in given}
+
+
 @dataclass(frozen=True, slots=True)
 class ImportSnapshot:
     modules: dict[str, _FileId]  # module file -> its identity when the snapshot was taken
     executable: _FileId | None
     pth_files: dict[str, _FileId | None]
     cwd: str
+    resolved: dict[str, str]  # main script and sys.path entries -> their real paths
 
     @classmethod
     def take(cls) -> ImportSnapshot:
@@ -73,7 +88,7 @@ class ImportSnapshot:
             path = getattr(module, "__file__", None)
             if isinstance(path, str) and path not in modules and (identity := _file_id(path)) is not None:
                 modules[path] = identity
-        return cls(modules, _file_id(sys.executable), _pth_files(), os.getcwd())
+        return cls(modules, _file_id(sys.executable), _pth_files(), os.getcwd(), _resolved_paths())
 
     def changed(self) -> str | None:
         """Why what is loaded no longer matches the disk (None: it still does). The working
@@ -83,6 +98,9 @@ class ImportSnapshot:
             return f"the working directory is now {os.getcwd()}, not {self.cwd}"
         if _file_id(sys.executable) != self.executable:
             return f"the interpreter {sys.executable} changed"
+        for given, real in self.resolved.items():
+            if os.path.realpath(given or ".") != real:
+                return f"{given or '.'} now leads to {os.path.realpath(given or '.')}, not {real}"
         for path, identity in self.modules.items():
             if _file_id(path) != identity:
                 return f"{path} changed"

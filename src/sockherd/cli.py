@@ -238,7 +238,18 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
 
 def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """A progress line on stderr; once nobody reads it (a closed pipe) the rest are
+    dropped, and the command still waits for its result and reports it by exit code."""
+    global _progress_wanted
+    if not _progress_wanted:
+        return
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _progress_wanted = False
+
+
+_progress_wanted = True
 
 
 def _run_client_command(args: argparse.Namespace) -> int:

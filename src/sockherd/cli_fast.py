@@ -21,7 +21,10 @@ path too: a deploy script waits for the command, and under load the full CLI's s
 and exit were a quarter of a restart's time. Up to the daemon's answer to ``hello``
 anything that goes wrong hands over as above (nothing was asked yet); from the moment
 the command is sent this path owns it and reports its progress, its result and its
-failure exactly as the full CLI would: the command must never be sent twice.
+failure exactly as the full CLI would: the command must never be sent twice. As for
+``status``, only the keys that locate the daemon are read: a deploy runs the config the
+daemon has (it does not re-read the file), so a file broken since does not stop one
+(``reload`` and ``config`` check the file; the full CLI, for any other option, too).
 """
 
 from __future__ import annotations
@@ -62,6 +65,13 @@ def main() -> int:
 
 def run(argv: list[str]) -> int | None:
     """Run ``status [--json]``, ``health`` or a plain deploy; None when the full CLI must (see the module docs)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # as the full CLI: no traceback
+        return 130
+
+
+def _run(argv: list[str]) -> int | None:
     parsed = _parse(argv)
     if parsed is None:
         return None
@@ -135,6 +145,7 @@ def _deploy(connection: _Connection, command: str, options: frozenset[str]) -> i
     except OSError as exc:
         print(f"sockherd: could not send to the daemon: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    progress = True
     try:
         while True:
             reply = connection.reply(2, timeout=None)  # a deploy takes as long as the daemon works
@@ -142,15 +153,16 @@ def _deploy(connection: _Connection, command: str, options: frozenset[str]) -> i
             if errors:
                 return _failed(command, [str(e) for e in errors], reply.get("data"))
             data = reply.get("data")
-            if reply.get("done"):
+            if reply.get("done", True):
                 break
-            if isinstance(data, dict) and "progress" in data:
-                print(str(data["progress"]), file=sys.stderr, flush=True)
+            if progress and isinstance(data, dict) and "progress" in data:
+                try:
+                    print(str(data["progress"]), file=sys.stderr, flush=True)
+                except BrokenPipeError:  # nobody reads stderr any more: the deploy's result still counts
+                    progress = False
     except (_Closed, OSError) as exc:
-        print(f"sockherd: {exc}", file=sys.stderr)
+        _say(f"sockherd: {exc}")
         return EXIT_UNREACHABLE
-    except KeyboardInterrupt:
-        return 130
     from sockherd.cli_summary import summary
 
     try:
@@ -158,6 +170,14 @@ def _deploy(connection: _Connection, command: str, options: frozenset[str]) -> i
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _say(line: str) -> None:
+    """A line on stderr, unless nobody reads it any more (the exit code still says it)."""
+    try:
+        print(line, file=sys.stderr)
+    except OSError:
+        return
 
 
 def _failed(command: str, errors: list[str], data: Any) -> int:
@@ -262,8 +282,11 @@ class _Connection:
             try:
                 frame = json.loads(line)
             except ValueError as exc:
-                raise _Closed(f"the daemon sent something this client cannot read: {exc}") from None
-            if not isinstance(frame, dict) or frame.get("type") != "reply":
+                raise _Closed(f"the daemon sent something this client cannot read: frame is not JSON: {exc}") from None
+            if not isinstance(frame, dict):
+                what = f"frame is a JSON {type(frame).__name__}, not an object"
+                raise _Closed(f"the daemon sent something this client cannot read: {what}")
+            if frame.get("type") != "reply":
                 continue  # not a reply (nothing else is sent to clients today)
             if request_id is None or frame.get("request_id") == request_id:
                 return frame

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -76,7 +77,7 @@ def warm_point() -> None:
     files and the config's ``cwd``; the spare checks that nothing it loaded has changed
     on disk since (:mod:`sockherd._import_snapshot`: a ``pip install -U`` of uvicorn,
     another interpreter, a ``current`` symlink flipped to another release) and returns,
-    so the caller imports the app, as fresh as a cold start's, and reaches
+    so the caller imports the app from the disk as it is now, and reaches
     :func:`fork_point`. If anything changed it tells the daemon, which starts the fork
     server afresh, and exits. Programs that never call this get no spares.
     """
@@ -92,7 +93,10 @@ def warm_point() -> None:
     channel = socket.socket(fileno=int(fd_text))
     try:
         snapshot = ImportSnapshot.take()
-        _send(channel, {"warm": True, "pid": os.getpid()})
+        try:
+            _send(channel, {"warm": True, "pid": os.getpid()})
+        except OSError:
+            _exit_quietly()  # dropped while it started (the daemon quit, or needs no spare now)
         request, fds = _receive(channel)
         if request is None:
             _exit_quietly()  # retired before any deploy came
@@ -103,8 +107,10 @@ def warm_point() -> None:
         except OSError as exc:
             stale = f"its working directory is gone ({exc.strerror})"
         if stale is not None:
-            _send(channel, {"stale": stale})
+            with contextlib.suppress(OSError):
+                _send(channel, {"stale": stale})
             _exit_quietly()
+        importlib.invalidate_caches()  # what the finders remember of directories is as old as this process
     finally:
         channel.detach()  # the descriptor stays: fork_point uses it
 

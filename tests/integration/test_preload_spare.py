@@ -7,11 +7,15 @@ deploy took the spare or started afresh, and what code the workers run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import shutil
 import signal
 import sys
 from pathlib import Path
+
+import psutil
 
 from conftest import DaemonFactory
 from sockherd import preload
@@ -164,3 +168,89 @@ def test_preload_spare_false_keeps_none_and_a_reload_to_it_retires_the_spare(
     daemon.wait_ready(2)
     assert daemon.status()["daemon"]["preload_spare"] is None
     assert sum("spare preload process" in line for line in daemon.lines) == 1  # the first one's "warm" only
+
+
+def test_a_spare_imports_from_a_path_entry_created_after_it_started(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """The import system caches what it found in each directory (and that a PYTHONPATH
+    entry did not exist): the spare drops that before it imports the app, as a fresh
+    interpreter would not have it. Release 2 needs a module from a directory its deploy
+    created."""
+    app_dir, lib = tmp_path / "app", tmp_path / "lib"
+    app_dir.mkdir()
+    shutil.copy(APPS / "preload_app.py", app_dir)
+    (app_dir / "app_entry.py").write_text(
+        "import os\n"
+        "if open(os.environ['RELEASE_FILE']).read().strip() == '2':\n"
+        "    import extra_dependency  # new in release 2\n"
+        "from preload_app import app\n"
+    )
+    settings, env, release = preloaded(tmp_path, cwd=str(app_dir))
+    settings["command"] = [sys.executable, "-m", "sockherd.uvicorn", "app_entry:app"]
+    daemon = start_daemon({**settings, "environment": {"PYTHONPATH": str(lib)}}, env=env)
+    daemon.wait_ready(2)
+    spare = warm_spare(daemon)
+    lib.mkdir()
+    (lib / "extra_dependency.py").write_text("")
+    release.write_text("2")
+    result = daemon.cli("restart")
+    assert result.returncode == 0, result.stderr
+    assert (answer(daemon, 0)["release"], answer(daemon, 0)["imported_in"]) == ("2", spare)
+
+
+def test_a_script_reached_through_a_flipped_symlink_is_another_release_even_hard_linked(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """`python /srv/current/run.py` with run.py the same inode in both releases (rsync
+    --link-dest): the spare's sys.path[0] is the old release's directory, so it must not
+    serve the new one."""
+    releases = [tmp_path / "releases" / name for name in ("r1", "r2")]
+    releases[0].mkdir(parents=True)
+    (releases[0] / "run.py").write_text("import sockherd.uvicorn\nsockherd.uvicorn.main()\n")
+    shutil.copy(APPS / "preload_app.py", releases[0])
+    releases[1].mkdir()
+    os.link(releases[0] / "run.py", releases[1] / "run.py")
+    shutil.copy(APPS / "preload_app.py", releases[1])
+    current = tmp_path / "current"
+    current.symlink_to(releases[0])
+    settings, env, _ = preloaded(
+        tmp_path, cwd=str(tmp_path), command=[sys.executable, str(current / "run.py"), "preload_app:app"]
+    )
+    daemon = start_daemon(settings, env=env)
+    daemon.wait_ready(2)
+    spare = warm_spare(daemon)
+    flipped = tmp_path / "current.new"
+    flipped.symlink_to(releases[1])
+    flipped.rename(current)
+    mark = daemon.mark()
+    assert daemon.cli("restart").returncode == 0
+    daemon.wait_log(rf"spare preload process pid {spare} not used \(.*run.py now leads to", start=mark)
+    assert answer(daemon, 0)["module_file"] == str(releases[1] / "preload_app.py")
+
+
+def test_a_spare_still_starting_when_the_daemon_quits_does_not_outlive_it(
+    tmp_path: Path, start_daemon: DaemonFactory
+) -> None:
+    """The spare here takes 30 s to start (it sleeps when it sees SOCKHERD_PRELOAD_SPARE):
+    a quit meanwhile kills it instead of leaving it to finish starting with nobody to use it."""
+    slow_spare = (
+        "import os, time; os.environ.get('SOCKHERD_PRELOAD_SPARE') and time.sleep(30); "
+        "import sockherd.uvicorn; sockherd.uvicorn.main()"
+    )
+    settings, env, _ = preloaded(tmp_path, command=[sys.executable, "-c", slow_spare, "preload_app:app"])
+    daemon = start_daemon(settings, env=env)
+    daemon.wait_ready(2)
+
+    def starting_spare() -> int | None:
+        for child in psutil.Process(daemon.proc.pid).children():
+            with contextlib.suppress(psutil.Error):
+                if SPARE_VAR in child.environ():
+                    return child.pid
+        return None
+
+    spare: int = wait_for(starting_spare, 20, "the spare to be started")
+    assert daemon.status()["daemon"]["preload_spare"] is None  # not warm
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    wait_for(functools.partial(gone, spare), 5, "the starting spare to be gone")

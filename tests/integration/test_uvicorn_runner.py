@@ -210,11 +210,23 @@ def test_a_drained_shutdown_does_not_wait_for_a_quiet_backlog(
     assert worker.proc.wait(TIMEOUT) == 0
 
 
+# The runner's tick and uvicorn's (its main loop sleeps 0.1 s through the module's
+# `asyncio`, replaced in uvicorn.server only) stretched to a minute.
+SLOW_TICKS = (
+    "import asyncio, types, uvicorn.server as s, sockherd.uvicorn as m\n"
+    "async def sleep(delay, *args, **kwargs):\n"
+    "    await asyncio.sleep(60.0 if delay == 0.1 else delay, *args, **kwargs)\n"
+    "proxy = types.ModuleType('asyncio'); proxy.__dict__.update(vars(asyncio)); proxy.sleep = sleep\n"
+    "s.asyncio = proxy; m.TICK = 60.0; m.main()\n"
+)
+
+
 def test_a_shutdown_wakes_the_main_loop(start_worker: Callable[..., Worker], fake_daemon: FakeDaemon) -> None:
     """uvicorn's main loop looks at its exit flag once per tick; the runner's is woken by
-    the shutdown itself. With a one-minute tick, a runner that waited for the tick would
-    not exit within the test's timeout."""
-    patched = "import sockherd.uvicorn as m; m.TICK = 60.0; m.main()"
+    the shutdown itself. Both ticks are a minute here (uvicorn's own 0.1 s sleep too), so
+    a runner that waited for a tick, its own or uvicorn's, would not exit within the
+    test's timeout."""
+    patched = SLOW_TICKS
     worker = start_worker(command=("-c", patched))
     fake_daemon.wait_message("online")
     fake_daemon.send(protocol.message("shutdown", {"backlog_drained": True}))
@@ -222,7 +234,7 @@ def test_a_shutdown_wakes_the_main_loop(start_worker: Callable[..., Worker], fak
 
 
 def test_a_sigterm_wakes_the_main_loop(start_worker: Callable[..., Worker], fake_daemon: FakeDaemon) -> None:
-    patched = "import sockherd.uvicorn as m; m.TICK = 60.0; m.main()"
+    patched = SLOW_TICKS
     worker = start_worker(command=("-c", patched))
     fake_daemon.wait_message("online")
     worker.proc.send_signal(signal.SIGTERM)

@@ -79,6 +79,7 @@ class FakeProcesses:
         self.events: list[str] = []  # "signal PID NAME", "exit PID", in order
         self._pids = itertools.count(FAKE_PID_BASE)
         self.preloaded_generations: set[int] = set()
+        self.spare_requests: list[bool | None] = []
 
     async def launch(self, launch: Launch, spawn_timeout: float) -> FakeProcess:
         if self.gate is not None:
@@ -115,7 +116,7 @@ class FakeProcesses:
 
     def retain_preloaded(self, generations: Collection[int], *, spare: bool | None = None) -> None:
         self.preloaded_generations = set(generations)  # what a real layer would keep fork servers for
-        self.spare_wanted = spare  # whether the herd was idle (a real layer would keep a spare)
+        self.spare_requests.append(spare)  # True: keep a spare; False: none; None: leave it (a deploy runs)
 
     def preloaded(self) -> dict[int, int]:
         return {}

@@ -297,3 +297,38 @@ def test_stop_cancels_a_recycle_and_a_restart_preempts_it(tmp_dir: Path) -> None
         assert h.published_pids() == h.live_pids()
 
     run(tmp_dir, scenario, workers=1)
+
+
+def test_a_spare_is_wanted_only_while_the_herd_is_idle(tmp_dir: Path) -> None:
+    """What the herd asks of the process layer about the preload spare (forkservers.py):
+    keep one once a deploy has ended, leave it alone while a deploy runs (the deploy may
+    take it, and a new one must not compete with it), none once the daemon quits."""
+
+    async def scenario(h: FakeHerd) -> None:
+        await start(h)
+        assert h.fake.spare_requests[-1] is True
+        h.ready_when = lambda proc: False  # the new generation waits until the test says
+        before = len(h.fake.spare_requests)
+        restarting = asyncio.ensure_future(h.ops.restart(1, quiet))
+        await h.until(lambda: len(h.fake.processes) == 4, "the new generation to be launched")
+        deploy = h.fake.spare_requests[before:]
+        assert deploy and all(request is None for request in deploy), str(h.fake.spare_requests)
+        for proc in h.fake.processes[2:]:
+            h.report(proc)
+        await restarting
+        assert h.fake.spare_requests[-1] is True
+        await h.ops.stop()
+        assert h.fake.spare_requests[-1] is None  # stopped: the spare stays for the next start
+        await h.ops.quit()
+        assert h.fake.spare_requests[-1] is False
+
+    run(tmp_dir, scenario, workers=2)
+
+
+def test_no_spare_is_wanted_with_preload_spare_false(tmp_dir: Path) -> None:
+    async def scenario(h: FakeHerd) -> None:
+        await start(h)
+        await h.ops.restart(1, quiet)
+        assert set(h.fake.spare_requests) == {False}
+
+    run(tmp_dir, scenario, workers=2, preload_spare=False)

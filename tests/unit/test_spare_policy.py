@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from sockherd.daemon.forkserver import SPARE_VAR, ForkServer, ServerKey
-from sockherd.daemon.forkservers import ForkServers
+from sockherd.daemon.forkservers import ForkServers, StartServer
 
 
 def key(generation: int, *, env: tuple[tuple[str, str], ...] = (("A", "1"),)) -> ServerKey:
@@ -53,6 +53,14 @@ class FakeStarts:
             end.close()
 
 
+def fork_servers(start: StartServer) -> ForkServers:
+    servers = ForkServers(start, lambda _: [])
+    # A real first start makes the daemon a child subreaper; here that would be the test
+    # runner, which would then collect (and never reap) every orphan of later tests.
+    servers._subreaper = True
+    return servers
+
+
 def served(servers: ForkServers, server_key: ServerKey, *, spares: bool) -> ForkServer:
     """Register a ready fork server for ``server_key`` as if a deploy had started it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -79,7 +87,7 @@ def run(test: object) -> None:
 def test_no_spare_for_a_program_without_a_warm_point() -> None:
     async def scenario() -> None:
         starts = FakeStarts()
-        servers = ForkServers(starts, lambda _: [])
+        servers = fork_servers(starts)
         served(servers, key(1), spares=False)
         servers.keep_spare({1})
         await settle(servers)
@@ -93,7 +101,7 @@ def test_no_spare_for_a_program_without_a_warm_point() -> None:
 def test_a_spare_is_started_once_for_the_newest_generation_with_its_settings() -> None:
     async def scenario() -> None:
         starts = FakeStarts()
-        servers = ForkServers(starts, lambda _: [])
+        servers = fork_servers(starts)
         served(servers, key(1, env=(("A", "old"),)), spares=True)
         served(servers, key(2), spares=True)
         servers.keep_spare({1, 2})
@@ -109,11 +117,12 @@ def test_a_spare_is_started_once_for_the_newest_generation_with_its_settings() -
 
 
 def test_no_spare_when_the_newest_preloaded_generation_is_gone() -> None:
-    """preload turned off by a reload: the current generation has no fork server, so no spare."""
+    """The current generation has no fork server (deployed after a reload turned preload
+    off): the old generation's settings are no longer what a deploy would use, so no spare."""
 
     async def scenario() -> None:
         starts = FakeStarts()
-        servers = ForkServers(starts, lambda _: [])
+        servers = fork_servers(starts)
         served(servers, key(1), spares=True)
         servers.keep_spare({2})
         await settle(servers)
@@ -126,7 +135,7 @@ def test_no_spare_when_the_newest_preloaded_generation_is_gone() -> None:
 def test_a_deploy_with_the_same_settings_takes_the_spare_and_another_retires_it() -> None:
     async def scenario() -> None:
         starts = FakeStarts()
-        servers = ForkServers(starts, lambda _: [])
+        servers = fork_servers(starts)
         served(servers, key(1), spares=True)
         servers.keep_spare({1})
         await settle(servers)
@@ -154,7 +163,7 @@ def test_a_spec_whose_spare_failed_to_start_is_not_tried_again() -> None:
         ) -> tuple[int, asyncio.Future[int]]:
             raise OSError("no such file")
 
-        servers = ForkServers(failing, lambda _: [])
+        servers = fork_servers(failing)
         served(servers, key(1), spares=True)
         servers.keep_spare({1})
         await settle(servers)

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from sockherd.daemon.forkserver import SPARE_VAR, ForkFailed, ForkServer, ServerKey, become_subreaper
+from sockherd.daemon.reaper import kill_process_group
 
 log = logging.getLogger("sockherd")
 
@@ -76,6 +77,8 @@ class ForkServers:
         server = await self._launch(key, spawn_timeout)
         await server.wait_ready(ready_timeout)
         log.info("preloaded generation %d: fork server pid %d ready", key.generation, server.pid)
+        if self._spare_failed == spare_spec(key):
+            self._spare_failed = None  # these settings start now: a spare may again (the failure passed)
         return server
 
     async def _launch(self, key: ServerKey, spawn_timeout: float) -> ForkServer:
@@ -102,6 +105,7 @@ class ForkServers:
         except Exception:
             return None
         if not server.alive:
+            server.retire()  # died waiting: its channel goes now
             return None
         try:
             outputs = self._open_outputs(key)
@@ -133,7 +137,7 @@ class ForkServers:
         self._spare = None
         if spec == spare_spec(key):
             return task
-        _retire_task(task)
+        _drop(task)
         return None
 
     def keep_spare(self, generations: Collection[int]) -> None:
@@ -151,7 +155,7 @@ class ForkServers:
             if current == spec and not (task.done() and (not _started(task) or not task.result().alive)):
                 return
             self._spare = None
-            _retire_task(task)
+            _drop(task)
         if spec is None or spec == self._spare_failed:
             return
         task = asyncio.ensure_future(self._start_spare(spec))
@@ -162,8 +166,13 @@ class ForkServers:
         spawn_timeout, ready_timeout = self._timeouts
         spare_key = dataclasses.replace(spec, env=(*spec.env, (SPARE_VAR, "1")))
         try:
-            server = await self._launch(spare_key, spawn_timeout)
-            await server.wait_warm(ready_timeout)
+            server = await self._launch(spare_key, spawn_timeout)  # cancelled: launch leaves nothing running
+            try:
+                await server.wait_warm(ready_timeout)
+            except asyncio.CancelledError:  # dropped while it starts: nothing in it to keep
+                server.retire()
+                kill_process_group(server.pid)
+                raise
         except Exception as exc:
             self._spare_failed = spec
             reason = exc.reason if isinstance(exc, ForkFailed) else str(exc)
@@ -181,8 +190,9 @@ class ForkServers:
             _retire_task(task)
 
     def drop_spare(self) -> None:
+        """No spare (``preload_spare = false``, the daemon quits): one still starting is killed."""
         if self._spare is not None:
-            _retire_task(self._spare[1])
+            _drop(self._spare[1])
             self._spare = None
 
     def close(self) -> None:
@@ -215,6 +225,14 @@ def _retire_task(task: asyncio.Task[ForkServer]) -> None:
             task.result().retire()
     else:
         task.add_done_callback(_retire_when_started)
+
+
+def _drop(task: asyncio.Task[ForkServer]) -> None:
+    """A spare no deploy will take: cancelled while it starts (which kills it), else retired."""
+    if task.done():
+        _retire_task(task)
+    else:
+        task.cancel()
 
 
 def _consume_failure(task: asyncio.Task[ForkServer]) -> None:

@@ -257,13 +257,14 @@ class Herd:
 
     def _idle(self) -> bool:
         """Running, no deploy in flight, not quitting: the time to prepare the next deploy
-        (a spare fork server, forkserver.py), which then never competes with one."""
+        (a spare fork server, forkservers.py), which then never competes with one."""
         return self.running and self.pending is None and self.current is not None and not self.coordinator.quitting
 
     def changed(self) -> None:
         self._figures_at = -METRICS_TTL  # the herd changed: the next status reads afresh
-        # A generation gone: its fork server too. Idle: a spare for the next deploy.
-        spare = (self._idle() or None) if self.config.preload_spare else False
+        # A generation gone: its fork server too. Idle: a spare for the next deploy (none
+        # when turned off or quitting; during a deploy, left for the deploy to take).
+        spare = False if not self.config.preload_spare or self.coordinator.quitting else (self._idle() or None)
         self.processes.retain_preloaded(self._preloading(), spare=spare)
         if self._state is not None:
             self._state.changed()

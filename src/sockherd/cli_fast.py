@@ -143,7 +143,7 @@ def _deploy(connection: _Connection, command: str, options: frozenset[str]) -> i
     try:
         connection.send(request)
     except OSError as exc:
-        print(f"sockherd: could not send to the daemon: {exc}", file=sys.stderr)
+        _say(f"sockherd: could not send to the daemon: {exc}")
         return EXIT_UNREACHABLE
     progress = True
     try:
@@ -182,12 +182,11 @@ def _say(line: str) -> None:
 
 def _failed(command: str, errors: list[str], data: Any) -> int:
     """As the full CLI reports a CommandFailed."""
-    print(f"sockherd: {command} failed: {'; '.join(errors)}", file=sys.stderr)
+    lines = [f"sockherd: {command} failed: {'; '.join(errors)}"]
     output = data.get("output") if isinstance(data, dict) else None
     if output:
-        print("last output of the failed worker:", file=sys.stderr)
-        for line in output:
-            print(f"  | {line}", file=sys.stderr)
+        lines += ["last output of the failed worker:", *(f"  | {line}" for line in output)]
+    _say("\n".join(lines))
     return EXIT_FAILED
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import psutil
 from _harness import REPO, daemon, verdict
 
-from support.daemon import RunningDaemon, wait_for
+from support.daemon import RunningDaemon, terminate, wait_for
 from support.http import unix_get
 
 APPS = REPO / "benchmarks" / "apps"
@@ -138,12 +138,7 @@ def gunicorn(workers: int, preload: bool) -> Iterator[psutil.Process]:
                 unix_get(str(sock), timeout=10)
             yield master
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, 60)
 
 
 def gunicorn_uss(workers: int, preload: bool) -> int:

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -273,6 +274,28 @@ def _swap_to_stop(daemon: RunningDaemon, mark: int, old_pid: int) -> float:
     return stopped[0] - swapped[0]
 
 
+@contextlib.contextmanager
+def _restart_while_a_connection_waits(daemon: RunningDaemon) -> Iterator[tuple[int, int]]:
+    """A restart whose old worker is frozen with a connection in its queue (nginx
+    connected just before the swap, and the worker cannot accept it), held until the
+    daemon has sent the old worker its stop: yields (old pid, log mark of the restart).
+    On leaving, the worker runs again and the restart must succeed."""
+    old = daemon.status()["workers"][0]
+    os.kill(old["pid"], signal.SIGSTOP)
+    waiting = socket.socket(socket.AF_UNIX)
+    try:
+        waiting.connect(old["socket"])  # queued: the frozen worker cannot accept it
+        mark = daemon.mark()
+        restart = daemon.cli_background("restart")
+        daemon.wait_log(rf"pid {old['pid']}\) stopping: sent", start=mark)
+        yield old["pid"], mark
+    finally:
+        os.kill(old["pid"], signal.SIGCONT)
+        waiting.close()
+    restart.communicate(timeout=30)
+    assert restart.returncode == 0
+
+
 def test_the_linger_lasts_while_the_old_socket_has_connections_waiting(start_daemon: DaemonFactory) -> None:
     """After the swap, the old worker's stop waits until its listen queue has been empty
     for a moment, `linger` at most: with nothing queued it does not wait the whole linger;
@@ -283,20 +306,8 @@ def test_the_linger_lasts_while_the_old_socket_has_connections_waiting(start_dae
     assert daemon.cli("restart").returncode == 0
     assert _swap_to_stop(daemon, mark, old_pid) < 1.5  # nothing queued: no 3 s wait
 
-    old = daemon.status()["workers"][0]
-    os.kill(old["pid"], signal.SIGSTOP)
-    waiting = socket.socket(socket.AF_UNIX)
-    try:
-        waiting.connect(old["socket"])  # queued: the frozen worker cannot accept it
-        mark = daemon.mark()
-        restart = daemon.cli_background("restart")
-        daemon.wait_log(rf"pid {old['pid']}\) stopping: sent", start=mark)
-        assert _swap_to_stop(daemon, mark, old["pid"]) >= 2.9
-    finally:
-        os.kill(old["pid"], signal.SIGCONT)
-        waiting.close()
-    restart.communicate(timeout=30)
-    assert restart.returncode == 0
+    with _restart_while_a_connection_waits(daemon) as (old_pid, mark):
+        assert _swap_to_stop(daemon, mark, old_pid) >= 2.9
 
 
 def test_the_shutdown_message_says_whether_the_linger_saw_the_queue_empty(start_daemon: DaemonFactory) -> None:
@@ -309,20 +320,9 @@ def test_the_shutdown_message_says_whether_the_linger_saw_the_queue_empty(start_
     assert daemon.cli("restart").returncode == 0
     daemon.wait_log(rf"tinyapp {old_pid}: shutdown message, backlog drained: True", start=mark)
 
-    old = daemon.status()["workers"][0]
-    os.kill(old["pid"], signal.SIGSTOP)
-    waiting = socket.socket(socket.AF_UNIX)
-    try:
-        waiting.connect(old["socket"])  # queued: the frozen worker cannot accept it
-        mark = daemon.mark()
-        restart = daemon.cli_background("restart")
-        daemon.wait_log(rf"pid {old['pid']}\) stopping: sent the shutdown message", start=mark)
-    finally:
-        os.kill(old["pid"], signal.SIGCONT)
-        waiting.close()
-    daemon.wait_log(rf"tinyapp {old['pid']}: shutdown message, backlog drained: False", start=mark)
-    restart.communicate(timeout=30)
-    assert restart.returncode == 0
+    with _restart_while_a_connection_waits(daemon) as (old_pid, mark):
+        pass  # stopped with the connection still queued: the linger ran out
+    daemon.wait_log(rf"tinyapp {old_pid}: shutdown message, backlog drained: False", start=mark)
 
 
 def test_concurrent_deploys_get_busy_and_stop_preempts_a_restart(start_daemon: DaemonFactory) -> None:

@@ -12,14 +12,12 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 from conftest import DaemonFactory
+from support.cli import fast_path_imports, sockherd_argv
 from support.daemon import RunningDaemon, tinyapp_command
-
-HEAVY = ("argparse", "dataclasses", "socket", "asyncio", "sockherd.cli", "sockherd.config", "sockherd.client")
 
 
 def run(daemon: RunningDaemon, *args: str, full: bool = False) -> subprocess.CompletedProcess[str]:
@@ -30,9 +28,7 @@ def run(daemon: RunningDaemon, *args: str, full: bool = False) -> subprocess.Com
 
 
 def command(daemon: RunningDaemon, *args: str, full: bool = False) -> list[str]:
-    entry = "from sockherd.cli import main" if full else "from sockherd.cli_fast import main"
-    code = f"import sys; {entry}; sys.argv[0] = 'sockherd'; raise SystemExit(main())"
-    return [sys.executable, "-c", code, *args, "-c", str(daemon.config_path)]
+    return sockherd_argv(*args, "-c", str(daemon.config_path), full=full)
 
 
 def steady(text: str) -> str:
@@ -125,13 +121,8 @@ def test_a_daemon_that_dies_during_the_restart_is_reported_once(start_daemon: Da
 def test_the_fast_restart_imports_none_of_the_full_clis_modules(start_daemon: DaemonFactory) -> None:
     daemon = start_daemon({"command": tinyapp_command(), "workers": 1})
     daemon.wait_ready(1)
-    code = (
-        "import sys; from sockherd.cli_fast import run; "
-        f"code = run(['restart', '-c', {str(daemon.config_path)!r}]); "
-        f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
-    assert result.stderr.strip().splitlines()[-1] == "0 []", result.stderr
+    stderr = fast_path_imports("restart", "-c", str(daemon.config_path))
+    assert stderr.splitlines()[-1] == "0 []", stderr  # after the progress lines
 
 
 def test_a_closed_stderr_loses_the_progress_not_the_result(start_daemon: DaemonFactory) -> None:
@@ -199,10 +190,8 @@ class ScriptedDaemon:
 def scripted(tmp_path: Path, lines: list[bytes], *, full: bool) -> subprocess.CompletedProcess[str]:
     server = ScriptedDaemon(tmp_path / f"ipc-{full}", lines)
     try:
-        entry = "from sockherd.cli import main" if full else "from sockherd.cli_fast import main"
-        code = f"import sys; {entry}; sys.argv[0] = 'sockherd'; raise SystemExit(main())"
         return subprocess.run(
-            [sys.executable, "-c", code, "restart", "-i", str(server.path)],
+            sockherd_argv("restart", "-i", str(server.path), full=full),
             capture_output=True,
             text=True,
             timeout=30,

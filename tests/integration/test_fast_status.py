@@ -5,21 +5,17 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 from conftest import DaemonFactory
+from support.cli import fast_path_imports, sockherd_argv
 from support.daemon import RunningDaemon, tinyapp_command
-
-HEAVY = ("argparse", "dataclasses", "socket", "asyncio", "sockherd.cli", "sockherd.config", "sockherd.client")
 
 
 def run(daemon: RunningDaemon, *args: str, full: bool = False) -> subprocess.CompletedProcess[str]:
-    """``sockherd ARGS`` through the console script's path, or straight through the full CLI."""
-    entry = "from sockherd.cli import main" if full else "from sockherd.cli_fast import main"
-    code = f"import sys; {entry}; sys.argv[0] = 'sockherd'; raise SystemExit(main())"
+    """``sockherd ARGS -c CONFIG`` through the console script's path, or straight through the full CLI."""
     return subprocess.run(
-        [sys.executable, "-c", code, *args, "-c", str(daemon.config_path)],
+        sockherd_argv(*args, "-c", str(daemon.config_path), full=full),
         cwd=daemon.workdir,
         capture_output=True,
         text=True,
@@ -58,13 +54,7 @@ def test_an_unhealthy_herd_is_reported_as_the_full_cli_does(start_daemon: Daemon
 def test_the_fast_path_imports_none_of_the_full_clis_modules(start_daemon: DaemonFactory) -> None:
     daemon = start_daemon({"command": tinyapp_command(), "workers": 1})
     daemon.wait_ready(1)
-    code = (
-        "import sys; from sockherd.cli_fast import run; "
-        f"code = run(['status', '--json', '-c', {str(daemon.config_path)!r}]); "
-        f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False)
-    assert result.stderr.strip() == "0 []", result.stderr
+    assert fast_path_imports("status", "--json", "-c", str(daemon.config_path)) == "0 []"
 
 
 def test_without_a_daemon_the_full_cli_answers(start_daemon: DaemonFactory, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from sockherd.daemon.forkserver import PRELOAD_FD_VAR
 from support.daemon import bump, installable_copy, wait_for
 from support.http import build_request, read_response
 from support.nginx import free_port
-from support.preloaded import APPS, answer, fork_servers, gone, preloaded, zombie
+from support.preloaded import APPS, answer, fork_server, fork_servers, gone, preloaded, zombie
 
 
 def test_workers_are_forked_from_one_import_and_are_the_daemons_children(
@@ -67,7 +67,7 @@ def test_a_crashed_worker_is_forked_again_from_the_same_fork_server(
     settings, env, _ = preloaded(tmp_path)
     daemon = start_daemon(settings, env=env)
     daemon.wait_ready(2)
-    server_pid = next(iter(fork_servers(daemon).values()))
+    server_pid = fork_server(daemon)
     victim = answer(daemon, 0)["pid"]
     mark = daemon.mark()
     os.kill(victim, signal.SIGKILL)
@@ -85,7 +85,7 @@ def test_a_restart_imports_the_new_release_once_and_retires_the_old_fork_server(
     settings, env, release = preloaded(tmp_path)
     daemon = start_daemon(settings, env=env)
     daemon.wait_ready(2)
-    old_server = next(iter(fork_servers(daemon).values()))
+    old_server = fork_server(daemon)
     release.write_text("2")
     result = daemon.cli("restart")
     assert result.returncode == 0, result.stderr
@@ -173,14 +173,14 @@ def test_an_upgraded_daemon_forks_the_new_generation_from_a_fork_server_of_its_o
     settings, env, _ = preloaded(tmp_path)
     daemon = start_daemon(settings, env={**env, "PYTHONPATH": f"{site}:{APPS}"})
     daemon.wait_ready(2)
-    old_server = next(iter(fork_servers(daemon).values()))
+    old_server = fork_server(daemon)
     bump(site, "0.2.0")
     result = daemon.cli("restart", "--upgrade")
     assert result.returncode == 0, result.stderr
     assert "daemon upgraded in place from 0.1.0 to 0.2.0" in result.stdout
     status = daemon.wait_ready(2)
     assert status["daemon"]["version"] == "0.2.0"
-    new_server = next(iter(fork_servers(daemon).values()))
+    new_server = fork_server(daemon)
     assert new_server != old_server
     # The exec closed the old fork server's channel: it exited, and the new image reaped it.
     wait_for(lambda: not psutil.pid_exists(old_server), 10, "the old fork server to be gone")
@@ -194,7 +194,7 @@ def test_a_daemon_started_after_a_crash_adopts_forked_workers(tmp_path: Path, st
     settings, env, _ = preloaded(tmp_path)
     first = start_daemon(settings, env=env)
     first.wait_ready(2)
-    old_server = next(iter(fork_servers(first).values()))
+    old_server = fork_server(first)
     workers = {answer(first, i)["pid"] for i in range(2)}
     try:
         first.proc.kill()
@@ -211,7 +211,7 @@ def test_a_daemon_started_after_a_crash_adopts_forked_workers(tmp_path: Path, st
         second.wait_log(r"worker #1 .* online after", start=mark)
         second.wait_ready(2)
         replacement = answer(second, 1)
-        assert replacement["imported_in"] == next(iter(fork_servers(second).values())) != old_server
+        assert replacement["imported_in"] == fork_server(second) != old_server
         assert psutil.Process(replacement["pid"]).ppid() == second.proc.pid
     finally:
         for pid in workers:  # adopted from a dead daemon: nobody's descendants, so cleaned here
@@ -223,7 +223,7 @@ def test_the_fork_server_exits_with_the_daemon(tmp_path: Path, start_daemon: Dae
     settings, env, _ = preloaded(tmp_path)
     daemon = start_daemon(settings, env=env)
     daemon.wait_ready(2)
-    server = next(iter(fork_servers(daemon).values()))
+    server = fork_server(daemon)
     workers = {answer(daemon, i)["pid"] for i in range(2)}
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0

@@ -21,7 +21,7 @@ from conftest import DaemonFactory
 from sockherd import preload
 from sockherd.daemon.forkserver import SPARE_VAR
 from support.daemon import RunningDaemon, wait_for, write_config
-from support.preloaded import APPS, answer, fork_servers, gone, preloaded
+from support.preloaded import APPS, answer, flip, fork_server, fork_servers, gone, preloaded
 
 
 def warm_spare(daemon: RunningDaemon) -> int:
@@ -36,7 +36,7 @@ def test_a_deploy_takes_the_warm_spare_and_imports_the_new_release_in_it(
     settings, env, release = preloaded(tmp_path)
     daemon = start_daemon(settings, env=env)
     daemon.wait_ready(2)
-    first_server = next(iter(fork_servers(daemon).values()))
+    first_server = fork_server(daemon)
     spare = warm_spare(daemon)
     assert spare != first_server
     release.write_text("2")  # new code on disk after the spare started: it has not imported the app yet
@@ -66,7 +66,7 @@ def test_a_spare_whose_loaded_files_changed_is_not_used(tmp_path: Path, start_da
     mark = daemon.mark()
     assert daemon.cli("restart").returncode == 0
     daemon.wait_log(rf"spare preload process pid {spare} not used \(.*server_dependency.py changed\)", start=mark)
-    server = next(iter(fork_servers(daemon).values()))
+    server = fork_server(daemon)
     assert server != spare
     wait_for(functools.partial(gone, spare), 10, "the stale spare to exit")
     for i in range(2):
@@ -88,9 +88,7 @@ def test_a_spare_started_in_another_release_directory_is_not_used(tmp_path: Path
     daemon.wait_ready(2)
     assert answer(daemon, 0)["module_file"] == str(releases[0] / "preload_app.py")
     spare = warm_spare(daemon)
-    flipped = tmp_path / "current.new"
-    flipped.symlink_to(releases[1])
-    flipped.rename(current)
+    flip(current, releases[1])
     mark = daemon.mark()
     assert daemon.cli("restart").returncode == 0
     daemon.wait_log(rf"spare preload process pid {spare} not used \(the working directory is now", start=mark)
@@ -220,9 +218,7 @@ def test_a_script_reached_through_a_flipped_symlink_is_another_release_even_hard
     daemon = start_daemon(settings, env=env)
     daemon.wait_ready(2)
     spare = warm_spare(daemon)
-    flipped = tmp_path / "current.new"
-    flipped.symlink_to(releases[1])
-    flipped.rename(current)
+    flip(current, releases[1])
     mark = daemon.mark()
     assert daemon.cli("restart").returncode == 0
     daemon.wait_log(rf"spare preload process pid {spare} not used \(.*run.py now leads to", start=mark)

@@ -232,13 +232,7 @@ class RunningDaemon:
                 os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 30)
         for proc in self.worker_processes():
             with contextlib.suppress(psutil.Error):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -267,17 +261,22 @@ def _pipe_holders(inode: int) -> set[int]:
     return holders
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM unless it already exited, SIGKILL if it has not exited ``timeout`` s later; reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def end_daemon(proc: subprocess.Popen[str], ipc: Path) -> None:
     """Teardown of a daemon a test started by hand: SIGTERM (what `docker stop` and
     systemd send) unless it already exited, SIGKILL after 30 s, then kill whatever it
     started that is left (found by its IPC path in the environment)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate(proc, 30)
     for leftover in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             if leftover.environ().get("SOCKHERD_IPC") == str(ipc):

@@ -37,6 +37,19 @@ def fork_servers(daemon: RunningDaemon) -> dict[str, int]:
     return servers
 
 
+def fork_server(daemon: RunningDaemon) -> int:
+    """The pid of the one fork server running (that of the current generation)."""
+    (pid,) = fork_servers(daemon).values()
+    return pid
+
+
+def flip(link: Path, target: Path) -> None:
+    """Point the symlink ``link`` at ``target`` atomically, as a deploy flips ``current``."""
+    staged = link.with_name(link.name + ".new")
+    staged.symlink_to(target)
+    staged.rename(link)
+
+
 def gone(pid: int) -> bool:
     return not psutil.pid_exists(pid) or zombie(pid)
 

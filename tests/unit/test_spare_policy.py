@@ -48,7 +48,8 @@ class FakeStarts:
             exited = task.result().exited
             if not exited.done():
                 exited.set_result(0)
-        servers.close()
+        servers.retain(())
+        servers.drop_spare()
         for end in self.ends:
             end.close()
 

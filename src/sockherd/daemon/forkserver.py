@@ -91,26 +91,25 @@ class ForkServer:
     def alive(self) -> bool:
         return self.usable and not self.exited.done()
 
-    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 (the config's online_timeout)
-        try:
-            reply = await asyncio.wait_for(self._receive(), timeout)
-        except TimeoutError:
+    async def wait_ready(self, timeout: float) -> str | None:  # noqa: ASYNC109 (the config's online_timeout)
+        """Until the app is imported and the fork server waits for fork requests: None. A
+        spare that found itself out of date after its ``go`` says why instead, and exits."""
+        reply = await self._reply_within(
+            timeout, f"could not be forked: its preloaded app did not finish loading within online_timeout ({timeout}s)"
+        )
+        stale = reply.get("stale")
+        if isinstance(stale, str):
             self.retire()
-            raise ForkFailed(
-                f"could not be forked: its preloaded app did not finish loading within online_timeout ({timeout}s)"
-            ) from None
+            return stale
         if not reply.get("ready"):
             self.retire()
             raise ForkFailed(f"could not be forked: the preload process answered {reply!r} instead of ready")
         self.supports_spares = reply.get("spares") is True
+        return None
 
     async def wait_warm(self, timeout: float) -> None:  # noqa: ASYNC109 (the config's online_timeout)
         """A spare: until it has started and imported the server, and waits for a deploy."""
-        try:
-            reply = await asyncio.wait_for(self._receive(), timeout)
-        except TimeoutError:
-            self.retire()
-            raise ForkFailed(f"did not start within online_timeout ({timeout}s)") from None
+        reply = await self._reply_within(timeout, f"did not start within online_timeout ({timeout}s)")
         if not reply.get("warm"):
             self.retire()
             raise ForkFailed(f"answered {reply!r} instead of warm")
@@ -127,22 +126,15 @@ class ForkServer:
             )
         except ForkFailed:
             return "it has exited"
+        return await self.wait_ready(timeout)
+
+    async def _reply_within(self, timeout: float, late: str) -> dict[str, Any]:  # noqa: ASYNC109
+        """The next answer; retired and ForkFailed(``late``) if none comes within ``timeout``."""
         try:
-            reply = await asyncio.wait_for(self._receive(), timeout)
+            return await asyncio.wait_for(self._receive(), timeout)
         except TimeoutError:
             self.retire()
-            raise ForkFailed(
-                f"could not be forked: its preloaded app did not finish loading within online_timeout ({timeout}s)"
-            ) from None
-        stale = reply.get("stale")
-        if isinstance(stale, str):
-            self.retire()
-            return stale
-        if not reply.get("ready"):
-            self.retire()
-            raise ForkFailed(f"could not be forked: the preload process answered {reply!r} instead of ready")
-        self.supports_spares = reply.get("spares") is True
-        return None
+            raise ForkFailed(late) from None
 
     async def fork(
         self,

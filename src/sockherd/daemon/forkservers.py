@@ -195,10 +195,6 @@ class ForkServers:
             _drop(self._spare[1])
             self._spare = None
 
-    def close(self) -> None:
-        self.retain(())
-        self.drop_spare()
-
     def pids(self) -> dict[int, int]:
         """generation -> pid of its fork server, for status."""
         return {
@@ -247,7 +243,7 @@ def _close_all(fds: Iterable[int]) -> None:
 
 
 def _retire_when_started(task: asyncio.Task[ForkServer]) -> None:
-    if not task.cancelled() and task.exception() is None:
+    if _started(task):
         task.result().retire()
 
 

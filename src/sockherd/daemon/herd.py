@@ -255,17 +255,20 @@ class Herd:
             generations.add(self.current.number)
         return generations
 
-    def _idle(self) -> bool:
-        """Running, no deploy in flight, not quitting: the time to prepare the next deploy
-        (a spare fork server, forkservers.py), which then never competes with one."""
-        return self.running and self.pending is None and self.current is not None and not self.coordinator.quitting
+    def _spare_wanted(self) -> bool | None:
+        """The preload spare (forkservers.py): kept while the herd is idle (running, no
+        deploy in flight), so that preparing the next deploy never competes with one; left
+        as it is otherwise (a deploy may take it); none when turned off or quitting."""
+        if not self.config.preload_spare or self.coordinator.quitting:
+            return False
+        if self.running and self.pending is None and self.current is not None:
+            return True
+        return None
 
     def changed(self) -> None:
         self._figures_at = -METRICS_TTL  # the herd changed: the next status reads afresh
-        # A generation gone: its fork server too. Idle: a spare for the next deploy (none
-        # when turned off or quitting; during a deploy, left for the deploy to take).
-        spare = False if not self.config.preload_spare or self.coordinator.quitting else (self._idle() or None)
-        self.processes.retain_preloaded(self._preloading(), spare=spare)
+        # A generation gone: its fork server too; and the spare for the next deploy.
+        self.processes.retain_preloaded(self._preloading(), spare=self._spare_wanted())
         if self._state is not None:
             self._state.changed()
 

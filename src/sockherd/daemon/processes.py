@@ -217,7 +217,7 @@ class OsProcesses:
     def __init__(self, reaper: Reaper, executor: concurrent.futures.Executor | None = None) -> None:
         self._reaper = reaper
         self._executor = executor
-        self._fork_servers = ForkServers(self._start_fork_server, self._open_server_outputs)
+        self._fork_servers = ForkServers(self._start_fork_server, lambda key: _open_outputs(key.stdout, key.stderr))
         self._late: set[asyncio.Future[Any]] = set()  # forks given up, and their workers until reaped
 
     async def launch(self, launch: Launch, spawn_timeout: float) -> ProcessHandle:
@@ -320,14 +320,9 @@ class OsProcesses:
             raise LaunchFailed(exc.reason) from None
         except LaunchFailed as exc:
             raise LaunchFailed(f"{exc.reason} (its generation's preload process)") from None
-        outputs: list[tuple[str, int]] = []
         try:
-            for name, path in (("stdout", launch.stdout), ("stderr", launch.stderr)):
-                fd = open_output(path)
-                if fd is not None:
-                    outputs.append((name, fd))
+            outputs = _open_outputs(launch.stdout, launch.stderr)
         except OSError as exc:
-            _close_all([fd for _, fd in outputs])
             why = "it is a symlink (never followed)" if exc.errno == errno.ELOOP else exc.strerror
             raise LaunchFailed(f"cannot open its log file {exc.filename}: {why}") from None
         hold = self._reaper.hold_unknown()  # the worker becomes our child before we know its pid
@@ -422,18 +417,6 @@ class OsProcesses:
     def preload_spare(self) -> int | None:
         return self._fork_servers.spare_pid()
 
-    def _open_server_outputs(self, key: ServerKey) -> list[tuple[str, int]]:
-        outputs: list[tuple[str, int]] = []
-        try:
-            for name, path in (("stdout", key.stdout), ("stderr", key.stderr)):
-                fd = open_output(path)
-                if fd is not None:
-                    outputs.append((name, fd))
-        except OSError:
-            _close_all([fd for _, fd in outputs])
-            raise
-        return outputs
-
     def adopt(self, pid: int, start_time: int) -> ProcessHandle | None:
         try:
             pidfd = os.pidfd_open(pid)
@@ -476,6 +459,21 @@ class OsProcesses:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return
+
+
+def _open_outputs(stdout: Path | None, stderr: Path | None) -> list[tuple[str, int]]:
+    """A forked worker's (or a spare's) log files, opened as for an executed one, by name;
+    none left open if one fails."""
+    outputs: list[tuple[str, int]] = []
+    try:
+        for name, path in (("stdout", stdout), ("stderr", stderr)):
+            fd = open_output(path)
+            if fd is not None:
+                outputs.append((name, fd))
+    except OSError:
+        _close_all([fd for _, fd in outputs])
+        raise
+    return outputs
 
 
 def _popen(

@@ -14,7 +14,7 @@ Exit codes: 0 nothing found would lose requests (warnings alone), 1 something wo
 
 from __future__ import annotations
 
-import errno
+import functools
 import grp
 import json
 import os
@@ -22,14 +22,22 @@ import pwd
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 from sockherd.config import Config, ConfigError, find_config, load_config
-from sockherd.daemon.publish import NGINX_USERS, SocketNames, TmpDirProblem, published_target, tmp_dir_problems
+from sockherd.daemon.environment import worker_environment
+from sockherd.daemon.publish import (
+    NGINX_USERS,
+    SocketNames,
+    TmpDirProblem,
+    TmpDirProblemKind,
+    published_target,
+    socket_state,
+    tmp_dir_problems,
+)
 from sockherd.doctor_nginx import App, Finding, check_nginx, parse_nginx_version
 from sockherd.doctor_worker import worker_keepalive
 from sockherd.nginx_conf import Directive, NginxConfError, is_dump, parse_dump, parse_file, parse_text
@@ -50,9 +58,13 @@ def main(config_path: Path | None, *, nginx: str | None, as_json: bool, nginx_ve
             find_config(Path.cwd())  # no config at all is bad usage, as for every command
         conf: list[Directive] | None = None
         source = "not read"
-        version = parse_nginx_version(nginx_version) if nginx_version is not None else None
-        if nginx_version is not None and (version is None or not re.fullmatch(r"[0-9.]+", nginx_version)):
-            raise Unreadable(f"--nginx-version {nginx_version!r}: expected nginx's version as X.Y.Z, such as 1.30.0")
+        version = None
+        if nginx_version is not None:
+            version = parse_nginx_version(nginx_version) if re.fullmatch(r"[0-9.]+", nginx_version) else None
+            if version is None:
+                raise Unreadable(
+                    f"--nginx-version {nginx_version!r}: expected nginx's version as X.Y.Z, such as 1.30.0"
+                )
         if nginx is not None:
             conf, source = read_nginx(nginx)
     except (ConfigError, Unreadable) as exc:
@@ -64,7 +76,7 @@ def main(config_path: Path | None, *, nginx: str | None, as_json: bool, nginx_ve
         findings += [problem] if problem else []
         binary = _nginx_binary()
         if version is None and conf is not None and binary is not None:
-            version = parse_nginx_version(_nginx_says(binary, "-v"))
+            version = parse_nginx_version(_nginx_says(binary, "-V"))  # -V: the version, then the build (nginx_user)
     if conf is not None and version is not None:
         source += f", nginx {'.'.join(map(str, version))}"
     try:
@@ -139,8 +151,10 @@ def _nginx_binary() -> str | None:
     return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 
 
+@functools.cache
 def _nginx_says(binary: str, flag: str) -> str:
-    """What ``nginx -v`` or ``-V`` prints (to stderr), or "" when it cannot be run."""
+    """What ``nginx -v`` or ``-V`` prints (to stderr), or "" when it cannot be run; run
+    once per doctor (its version and its compiled-in user both come from ``-V``)."""
     try:
         done = subprocess.run([binary, flag], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -191,9 +205,7 @@ def nginx_user(conf: list[Directive] | None) -> tuple[str, str] | None:
 def app_of(config: Config) -> App:
     prefix, _, suffix = config.socket_file.partition("{worker}")
     listen = tuple(a.removeprefix("unix://") for a in config.listen if a.startswith("unix://"))
-    environment = dict(config.worker.environment)
-    if "GUNICORN_CMD_ARGS" in config.worker.env and "GUNICORN_CMD_ARGS" in os.environ:  # passed through
-        environment.setdefault("GUNICORN_CMD_ARGS", os.environ["GUNICORN_CMD_ARGS"])
+    environment = worker_environment(config.worker, os.environ, {})  # as the daemon would give it
     keepalive = worker_keepalive(config.worker.command, config.worker.cwd, environment)
     return App(config.tmp_dir, prefix, suffix, config.workers, listen, keepalive)
 
@@ -228,21 +240,6 @@ def local_findings(config: Config, conf: list[Directive] | None) -> list[Finding
     return findings
 
 
-def socket_state(path: Path, timeout: float = 0.5) -> bool | None:
-    """Whether something accepts on the UNIX socket at ``path``: True, False (refused,
-    or no socket), or None when this user may not connect to it (EACCES, EPERM), which
-    says nothing about the server (publish.socket_is_live calls that dead)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(timeout)
-        try:
-            probe.connect(str(path))
-        except (BlockingIOError, TimeoutError):
-            return True  # a full backlog: live, if busy
-        except OSError as exc:
-            return None if exc.errno in (errno.EACCES, errno.EPERM) else exc.errno == errno.EAGAIN
-        return True
-
-
 def _daemon_uid(config: Config) -> tuple[int, str]:
     """The uid the daemon runs as: its IPC socket's owner when there is one, else this user."""
     try:
@@ -254,7 +251,7 @@ def _daemon_uid(config: Config) -> tuple[int, str]:
     return os.getuid(), "this user's: run doctor as the daemon's user"
 
 
-_UID_DEPENDENT = ("owner", "parent_owner", "not_writable")
+_UID_DEPENDENT: tuple[TmpDirProblemKind, ...] = ("owner", "parent_owner", "not_writable")
 
 
 def _tmp_dir_findings(tmp_dir: Path, uid: int, whose: str) -> list[Finding]:
@@ -273,7 +270,7 @@ def _tmp_dir_fix(problem: TmpDirProblem, uid: int) -> str:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    return {
+    fixes: dict[TmpDirProblemKind, str] = {
         "symlink": f"tmp_dir = {json.dumps(os.path.realpath(problem.path))}",
         "not_a_directory": f"rm {path} (the daemon creates the directory)",
         "owner": f"chown {shlex.quote(user)} {path}",
@@ -282,7 +279,8 @@ def _tmp_dir_fix(problem: TmpDirProblem, uid: int) -> str:
         "parent_owner": "put tmp_dir under /run/<app>",
         "parent_writable": f"chmod go-w {path}, or put tmp_dir under /run/<app>",
         "not_writable": f"chown {shlex.quote(user)} {path}",
-    }.get(problem.kind, "")
+    }
+    return fixes[problem.kind]
 
 
 def _uid(user: str) -> int | None:
@@ -316,8 +314,10 @@ def _reach_findings(config: Config, conf: list[Directive] | None) -> list[Findin
         dst = os.stat(directory)
         if not _allows(dst, entry.pw_uid, groups, 1):
             quoted = shlex.quote(str(directory))
-            fix = f"chgrp {shlex.quote(group)} {quoted} && chmod 2750 {quoted}" if directory == tmp_dir else ""
-            fix = fix or f"chmod o+x {quoted}"
+            if directory == tmp_dir:
+                fix = f"chgrp {shlex.quote(group)} {quoted} && chmod 2750 {quoted}"
+            else:
+                fix = f"chmod o+x {quoted}"
             why = f"cannot traverse {directory} (mode {stat.S_IMODE(dst.st_mode):o}, group {_group(dst.st_gid)})"
             return [_unreachable(directory, user, origin, why, fix)]
     sockets = [t for i in range(config.workers) if (t := published_target(config.symlink_path(i))) and t.exists()]
@@ -360,27 +360,23 @@ def _stale_findings(config: Config, running: bool | None) -> list[Finding]:
     unknown: list[str] = []
     for entry in sorted(os.scandir(config.tmp_dir), key=lambda e: e.name):
         path = Path(entry.path)
+        live: bool | None = False
         if entry.is_symlink() and names.is_temp_name(entry.name):
             why = "a temporary symlink left by an interrupted swap"
         elif entry.is_symlink() and names.is_symlink_name(entry.name):
             target = published_target(path)
             live = socket_state(target) if target is not None and target.exists() else False
-            if live is None:
-                unknown.append(entry.name)
-            if live is not False:
-                continue
             why = f"a published symlink to {'a dead socket' if target and target.exists() else 'nothing'}"
             why += ": nginx's connects to it fail"
         elif stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode) and (
             names.is_worker_socket_name(entry.name) or entry.name == config.ipc_file
         ):
-            live = socket_state(path)
-            if live is None:
-                unknown.append(entry.name)
-            if live is not False:
-                continue
-            why = "a socket nothing accepts on"
+            live, why = socket_state(path), "a socket nothing accepts on"
         else:
+            continue
+        if live is None:
+            unknown.append(entry.name)
+        if live is not False:
             continue
         findings.append(
             Finding("warning", "stale", str(path), None, f"stale: {why}; {later}", f"rm {shlex.quote(str(path))}")

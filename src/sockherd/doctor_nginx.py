@@ -390,7 +390,9 @@ def _check_location(
         return findings
     old = "" if modern else " (nginx's default before 1.29.7)"
     version = _effective(parents, "proxy_http_version")
-    if (version[-1].args[:1] if version else ("1.1",) if modern else ("1.0",)) == ("1.0",):
+    default = ("1.1",) if modern else ("1.0",)  # nginx's, by version
+    http_version = version[-1].args[:1] if version else default
+    if http_version == ("1.0",):
         at = version[-1] if version else proxy_pass
         findings.append(
             Finding(
@@ -422,8 +424,8 @@ def _check_location(
                     closes_fix or fix,
                 )
             )
-    elif modern:
-        pass  # nginx 1.29.7 and later send no Connection header by default
+    elif modern:  # nginx 1.29.7 and later send no Connection header by default: nothing to say
+        return findings
     elif headers:
         outer = [
             h

@@ -20,7 +20,7 @@ import pytest
 from conftest import DaemonFactory, NginxFactory
 from support.daemon import EXAMPLE, REPO, RunningDaemon, bump, installable_copy, tinyapp_command, wait_for
 from support.http import LoadGenerator, LoadResult, unix_get
-from support.nginx import Nginx
+from support.nginx import Nginx, assert_clean
 
 pytestmark = pytest.mark.e2e
 
@@ -67,12 +67,6 @@ def restart_under_load(daemon: RunningDaemon, nginx: Nginx, *, restarts: int = R
     result = load.stop()
     assert time.monotonic() - started >= MIN_SECONDS
     return result
-
-
-def assert_clean(result: LoadResult, nginx: Nginx) -> None:
-    assert result.failures == [], f"{len(result.failures)} failed of {result.total}: {result.failures[:10]}"
-    assert result.methods["POST"] > 50, result.methods
-    assert nginx.errors() == [], nginx.errors()[:10]
 
 
 @pytest.mark.parametrize("keepalive", [False, True], ids=["no-upstream-keepalive", "upstream-keepalive"])

@@ -168,7 +168,7 @@ def test_a_post_the_worker_read_and_then_dropped_is_applied_once(tmp_dir: Path) 
 def test_without_retries_the_same_request_fails(tmp_dir: Path) -> None:
     with (
         scripted_upstream(tmp_dir / "up.sock", closes_reused_connections) as path,
-        dev_server(lambda: [path], retries=0) as dev,
+        dev_server(lambda: [path], retry=False) as dev,
         http_connection(dev.port) as conn,
     ):
         conn.request("GET", "/")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from support.devserver import Recorder, dev_server, scripted_upstream, wait_until
+from support.daemon import wait_for
+from support.devserver import Recorder, dev_server, scripted_upstream
 from support.http import build_request, read_response
 
 UPLOAD = b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n"
@@ -20,10 +21,10 @@ def test_a_client_that_leaves_mid_upload_ends_the_workers_connection(tmp_dir: Pa
     ):
         with socket.create_connection(("127.0.0.1", dev.port), timeout=10) as sock:
             sock.sendall(UPLOAD + b"x" * 5000)  # above the buffer limit: streamed
-            assert wait_until(lambda: worker.received[-1:] == [UPLOAD + b"x" * 5000])
+            wait_for(lambda: worker.received[-1:] == [UPLOAD + b"x" * 5000], 5, "the upload at the worker")
         # The worker would otherwise wait for the other 95,000 bytes, and the dev server with it.
         assert worker.closed.acquire(timeout=5), "the worker's connection was closed"
-        assert wait_until(lambda: dev.clients == 0)
+        wait_for(lambda: dev.clients == 0, 5, "the client's connection to be gone")
 
 
 def test_a_malformed_chunked_request_body_is_a_400(tmp_dir: Path) -> None:
@@ -45,7 +46,7 @@ def test_a_malformed_chunked_request_body_is_a_400(tmp_dir: Path) -> None:
             assert_400(sock)
         with socket.create_connection(("127.0.0.1", dev.port), timeout=10) as sock:
             sock.sendall(head + streamed)
-            assert wait_until(lambda: worker.received == [head + streamed]), "on its way to the worker"
+            wait_for(lambda: worker.received == [head + streamed], 5, "the request on its way to the worker")
             sock.sendall(b"zz\r\n")
             assert_400(sock)
         assert worker.closed.acquire(timeout=5), "the worker's connection was closed"

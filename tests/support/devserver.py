@@ -10,18 +10,17 @@ import http.client
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sockherd.daemon.devserver import BUFFER_LIMIT, RETRIES, DevServer
+from sockherd.daemon.devserver import BUFFER_LIMIT, DevServer
 
 Handler = Callable[[socket.socket], None]
 
 
 @contextlib.contextmanager
 def dev_server(
-    published: Callable[[], list[Path]], retries: int = RETRIES, buffer_limit: int = BUFFER_LIMIT
+    published: Callable[[], list[Path]], retry: bool = True, buffer_limit: int = BUFFER_LIMIT
 ) -> Iterator[DevServer]:
     """A DevServer on a free port, on an event loop in a thread of its own; what the loop
     reports (an exception a connection's handler let through) fails the test."""
@@ -32,7 +31,7 @@ def dev_server(
     )
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = DevServer(0, published, retries=retries, buffer_limit=buffer_limit)
+    server = DevServer(0, published, retry=retry, buffer_limit=buffer_limit)
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(5)
     try:
         yield server
@@ -43,15 +42,6 @@ def dev_server(
         loop.close()
     gc.collect()  # a task's exception nobody retrieved is reported when the task is collected
     assert reported == [], reported
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @contextlib.contextmanager

@@ -11,6 +11,10 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from support.http import LoadResult
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -104,3 +108,11 @@ http {{
                 self.proc.wait()
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+def assert_clean(result: LoadResult, nginx: Nginx) -> None:
+    """A load through nginx that lost nothing: no failed request, POSTs among them, and
+    nothing in nginx's error log (a failed connect is logged even when retried)."""
+    assert result.failures == [], f"{len(result.failures)} failed of {result.total}: {result.failures[:10]}"
+    assert result.methods["POST"] > 50, result.methods
+    assert nginx.errors() == [], nginx.errors()[:10]

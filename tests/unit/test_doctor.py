@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sockherd import cli, doctor
+from sockherd.daemon import publish
 from sockherd.doctor_nginx import App, Finding, Version, check_nginx, nginx_time, parse_nginx_version
 from sockherd.doctor_worker import KeepAlive, worker_keepalive
 from sockherd.init import nginx_listen_snippet, nginx_snippet
@@ -561,27 +562,28 @@ def test_paths_in_suggested_commands_are_shell_quoted(
 
 
 def test_a_socket_this_user_may_not_connect_to_is_unknown_not_dead(tmp_dir: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root, to probe as another user")
     path = tmp_dir / "app.0-0badc0.sock"
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(path))
         listener.listen()
         path.chmod(0o600)
-        assert doctor.socket_state(path) is True
+        assert publish.socket_state(path) is True
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the probe as another user, who gets EACCES
             try:
-                if os.getuid() == 0:
-                    os.setgid(65534)
-                    os.setuid(65534)
-                os.write(write, repr(doctor.socket_state(path)).encode())
+                os.setgid(65534)
+                os.setuid(65534)
+                os.write(write, repr(publish.socket_state(path)).encode())
             finally:
                 os._exit(0)
         os.close(write)
         os.waitpid(pid, 0)
         with os.fdopen(read, "rb") as answer:
             assert answer.read() == b"None"
-    assert doctor.socket_state(path) is False  # closed: refused, so dead
+    assert publish.socket_state(path) is False  # closed: refused, so dead
 
 
 # --- the worker's keep-alive from gunicorn's configuration ----------------------------------------
@@ -629,3 +631,21 @@ def test_a_gunicorn_setting_that_is_not_a_plain_assignment_is_unknown_and_report
     (tmp_path / "gunicorn.conf.py").write_text("keepalive = (\n")
     broken = worker_keepalive(["gunicorn", "a:b"], tmp_path, {})
     assert broken is not None and "cannot be read (it does not parse)" in broken.unknown
+
+
+def test_doctor_reads_the_workers_gunicorn_settings_from_its_cwd_and_environment(
+    tmp_path: Path, tmp_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The keep-alive doctor compares with nginx's is the one the worker will run with: its
+    `cwd`'s gunicorn.conf.py, overridden by GUNICORN_CMD_ARGS from the config's `environment`."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "gunicorn.conf.py").write_text('worker_class = "uvicorn_worker.UvicornWorker"\nkeepalive = 3\n')
+    settings = {"command": ["gunicorn", "-b", "unix:{socket}", "a:b"], "tmp_dir": str(tmp_dir), "cwd": str(app)}
+    for environment, seconds in (({}, "3"), ({"GUNICORN_CMD_ARGS": "--keep-alive 7"}, "7")):
+        write_config(tmp_path / "sockherd.toml", {**settings, "environment": environment})
+        _, findings, _ = run_doctor(
+            tmp_path, capsys, "--nginx", clean_nginx(tmp_path, tmp_dir), "--nginx-version", "1.22.1"
+        )
+        timeouts = [f for f in findings if f["check"] == "keepalive_timeout"]
+        assert len(timeouts) == 1 and f"closes them after {seconds}s" in str(timeouts[0]["message"]), findings

@@ -59,6 +59,38 @@ def test_rss_is_the_familys_and_cpu_a_percentage(family: psutil.Process) -> None
     assert rss2 > 0 and cpu2 < 50.0
 
 
+def test_cpu_is_the_share_of_a_core_the_process_spent() -> None:
+    """A process that spins shows it: its lifetime average on the first round, then the
+    share since the round before. (The family above only sleeps: near zero either way.)"""
+    code = (
+        "import sys, time\n"
+        "def spin(seconds):\n"
+        "    end = time.process_time() + seconds\n"
+        "    while time.process_time() < end: pass\n"
+        "spin(0.3); print('spun', flush=True)\n"
+        "sys.stdin.readline(); spin(0.3); print('spun', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "spun\n"
+        sampler = Sampler()
+        _, lifetime = sampler.usage(proc.pid)  # 0.3 s of CPU in a life not much longer
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "spun\n"
+        sampler.forget_unseen()
+        _, since = sampler.usage(proc.pid)  # 0.3 s of CPU since the first round
+        # A share of one core, well above zero even on a machine busy enough to halve it.
+        assert 20.0 < lifetime <= 101.0 and 20.0 < since <= 101.0, (lifetime, since)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+
+
 def test_a_gone_process_has_no_figures() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -28,7 +28,6 @@ from sockherd.daemon.devstreams import ClosedEarly, Conn, Malformed, copy_body, 
 log = logging.getLogger("sockherd")
 
 BUFFER_LIMIT = 4 * 1024 * 1024  # request bodies up to this size are buffered, hence retryable
-RETRIES = 1  # a retry goes out on a fresh connection, whose failure is not retried
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 9.2.2
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -40,12 +39,12 @@ class DevServer:
         published: Callable[[], list[Path]],
         host: str = "127.0.0.1",
         *,
-        retries: int = RETRIES,
+        retry: bool = True,
         buffer_limit: int = BUFFER_LIMIT,
     ) -> None:
         self.host = host
         self.port = port
-        self.retries = retries
+        self.retry = retry  # send an idempotent request again once, when a reused connection closed under it
         self.buffer_limit = buffer_limit
         self.retried = 0  # requests sent again after a worker closed without answering
         self._published = published
@@ -254,7 +253,6 @@ class ClientConnection:
         response head and whether the whole request body went out.
         """
         idempotent = request.method in IDEMPOTENT
-        attempt = 0
         while True:
             if self.upstream is not None and (
                 self.upstream.idle_and_closed() or (self.upstream.reused and not idempotent)
@@ -280,8 +278,8 @@ class ClientConnection:
                 if isinstance(exc, ClosedEarly) and exc.peer == "client":
                     raise  # the client left in the middle of its request body
                 answered = upstream.received > received
-                retry = idempotent and upstream.reused and rest is None and not answered
-                retry = retry and attempt < self.server.retries
+                # At most once: the request goes again on a fresh connection, which is not reused.
+                retry = self.server.retry and idempotent and upstream.reused and rest is None and not answered
                 self.drop_upstream()
                 if sending is not None:
                     _discard(sending)
@@ -289,14 +287,11 @@ class ClientConnection:
                     if not answered:
                         await self.client.send(error_response("502 Bad Gateway", "the worker closed the connection"))
                     return None
-                attempt += 1
                 self.server.retried += 1
                 log.debug(
-                    "dev server: %s %s: the worker closed an idle connection without answering; sent again (%d/%d)",
+                    "dev server: %s %s: the worker closed an idle connection without answering; sent again",
                     request.method,
                     request.target[:100],
-                    attempt,
-                    self.server.retries,
                 )
 
     async def final_response(

@@ -24,6 +24,7 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sockherd.daemon.state_file import is_temp_of
 
@@ -94,16 +95,24 @@ def socket_is_live(path: Path, timeout: float = 0.5) -> bool:
     """True when something accepts connections on the UNIX socket at ``path``.
 
     A refused connect means a socket file whose server is gone: safe to remove. EAGAIN
-    means a full backlog, which is a live (if busy) server.
+    means a full backlog, which is a live (if busy) server. (A socket this user may not
+    connect to counts as dead here: the daemon's own sockets are its to connect to.)
     """
+    return socket_state(path, timeout) is True
+
+
+def socket_state(path: Path, timeout: float = 0.5) -> bool | None:
+    """Whether something accepts on the UNIX socket at ``path``: True, False (refused,
+    or no socket), or None when this user may not connect to it (EACCES, EPERM), which
+    says nothing about the server (``sockherd doctor`` run by another user)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(timeout)
         try:
             probe.connect(str(path))
         except (BlockingIOError, TimeoutError):
-            return True
+            return True  # a full backlog: live, if busy
         except OSError as exc:
-            return exc.errno in (errno.EAGAIN,)
+            return None if exc.errno in (errno.EACCES, errno.EPERM) else exc.errno == errno.EAGAIN
         return True
 
 
@@ -209,12 +218,23 @@ def prepare_tmp_dir(tmp_dir: Path, group: int | None = None) -> bool:
     return created
 
 
+TmpDirProblemKind = Literal[
+    "symlink",
+    "not_a_directory",
+    "owner",
+    "writable_by_others",
+    "writable_by_group",
+    "parent_owner",
+    "parent_writable",
+    "not_writable",
+]
+
+
 @dataclass(frozen=True, slots=True)
 class TmpDirProblem:
     """One reason the daemon refuses tmp_dir (``sockherd doctor`` reports each)."""
 
-    kind: str  # symlink, not_a_directory, owner, writable_by_others, writable_by_group, parent_owner,
-    #            parent_writable, not_writable
+    kind: TmpDirProblemKind
     path: Path  # what to change: tmp_dir, or the directory above it
     message: str  # what the daemon says when it refuses tmp_dir for this
 

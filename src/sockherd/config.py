@@ -74,6 +74,7 @@ class WorkerSpec:
     backlog: int
     socket_group: int | None = None  # gid; None: tmp_dir's group
     preload: bool = False  # fork workers from one process per generation (sockherd.preload)
+    preload_teardown: bool = False  # forked workers run the interpreter's teardown at exit (preload.exit_forked_worker)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,7 @@ class Config:
             "standby": self.standby,
             "ready": spec.ready,
             "preload": spec.preload,
+            "preload_teardown": spec.preload_teardown,
             "env": list(spec.env),
             "environment": dict(spec.environment),
             "cwd": str(spec.cwd),
@@ -317,6 +319,7 @@ def _build(path: Path, files: tuple[Path, ...], values: dict[str, Any]) -> Confi
         backlog=values["backlog"],
         socket_group=values["socket_group"],
         preload=values["preload"],
+        preload_teardown=values["preload_teardown"],
     )
     timeouts = Timeouts(
         spawn=values["spawn_timeout"],

@@ -447,6 +447,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
             "import (an interpreter with the server imported, ~20 MiB), so that a deploy waits only for the "
             "app; for programs that call `sockherd.preload.warm_point()`, as the uvicorn runner does",
             boolean),
+    Setting("preload_teardown", "boolean", False,
+            "with `preload`: a forked worker that has finished serving exits through the interpreter's "
+            "teardown, which frees every object and so writes to every page it shares with its fork server; "
+            "by default it joins its threads, runs its atexit hooks, flushes stdout and stderr and exits "
+            "without it, as Python's multiprocessing ends the children it forks",
+            boolean),
     Setting("env", "list of strings", [], "names of the daemon's environment variables passed to workers",
             env_names),
     Setting("environment", "table", {}, "variables set for workers; numbers and booleans become strings",

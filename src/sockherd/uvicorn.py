@@ -55,11 +55,34 @@ DEFAULT_TIMEOUT_KEEP_ALIVE = 75  # > nginx's default upstream keepalive_timeout 
 BACKLOG_QUIET = 0.05  # the backlog must stay empty this long before the listener closes
 BACKLOG_TIMEOUT = 2.0  # ... but a steady stream of new connections cannot hold shutdown up longer
 IDLE_GRACE = 0.5  # an idle keep-alive connection is closed once seen idle this long while draining
-DRAIN_POLL = 0.05  # how often the drain looks at connections when no request finishes
+DRAIN_POLL = 0.05  # how often the drain looks at idle connections (a request ending or a connection closing wakes it)
 TICK = 0.1  # uvicorn's main loop interval (Date header, limit_max_requests); a shutdown does not wait for it
 CLOSE_HEADER = (b"connection", b"close")
 
 logger = logging.getLogger("uvicorn.error")
+
+
+class _Connections(set[Any]):
+    """uvicorn's set of open connections (``server_state.connections``), telling the drain
+    when one leaves it: every protocol class adds itself on ``connection_made`` and
+    discards (or removes) itself on ``connection_lost``, in the loop's thread. Without
+    it the drain would notice the last busy connection close only at its next look."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_leave: Callable[[], None] | None = None
+
+    def discard(self, connection: Any) -> None:
+        super().discard(connection)
+        self._left()
+
+    def remove(self, connection: Any) -> None:
+        super().remove(connection)
+        self._left()
+
+    def _left(self) -> None:
+        if self.on_leave is not None:
+            self.on_leave()
 
 
 class SockherdServer(uvicorn.Server):
@@ -75,6 +98,7 @@ class SockherdServer(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, *, shared: bool = False) -> None:
         super().__init__(config)
+        self.server_state.connections = self._connections = _Connections()  # before any connection is made
         # Serving on the daemon's shared listeners: their queue belongs to every worker,
         # so a drain stops accepting at once and leaves what waits to the others.
         self.shared = shared
@@ -255,11 +279,20 @@ class SockherdServer(uvicorn.Server):
                     idle_since[connection] = (cycle, now)
                 elif now - seen[1] >= IDLE_GRACE:
                     connection.shutdown()  # idle: closes it
-            wait = min(DRAIN_POLL, _remaining(deadline, loop))
-            if state.tasks:
-                await asyncio.wait(set(state.tasks), timeout=wait)  # wake as soon as a request ends
-            else:
-                await asyncio.sleep(wait)
+            # Wake as soon as a request ends or a connection closes (a busy one told to
+            # close does so once its response is out), else look again after DRAIN_POLL.
+            left: asyncio.Future[None] = loop.create_future()
+
+            def wake(left: asyncio.Future[None] = left) -> None:
+                if not left.done():
+                    left.set_result(None)
+
+            self._connections.on_leave = wake
+            try:
+                await asyncio.wait({left, *state.tasks}, timeout=min(DRAIN_POLL, _remaining(deadline, loop)))
+            finally:
+                self._connections.on_leave = None
+                left.cancel()
         return True
 
 
@@ -361,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level=args.log_level,
         factory=args.factory,
     )
+    preload.exit_forked_worker()  # a forked worker ends here, without the interpreter's teardown
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from conftest import DaemonFactory
 from sockherd.daemon.forkserver import PRELOAD_FD_VAR
@@ -318,6 +319,48 @@ def test_a_quit_while_a_fork_is_in_flight_waits_for_it_and_leaves_nothing_runnin
     restart.communicate(timeout=30)
     late = int(wait_for(lambda: gate.forked(held), 10, "the late worker's pid"))
     assert gone(late), "the worker forked for the cancelled launch outlived the daemon"
+
+
+@pytest.mark.parametrize(
+    ("preload", "teardown", "torn_down"),
+    [(True, False, False), (True, True, True), (False, False, True)],
+    ids=["forked", "forked-preload_teardown", "not-preloaded"],
+)
+def test_how_a_worker_ends(
+    tmp_path: Path, start_daemon: DaemonFactory, preload: bool, teardown: bool, torn_down: bool
+) -> None:
+    """A forked worker joins its threads, runs its atexit hooks and flushes stdout, then
+    exits without the interpreter's teardown, unless ``preload_teardown = true``; a worker
+    that was not forked exits as any Python program does. The teardown is seen in what
+    `PYTHONVERBOSE` makes it print as it frees each module (``# cleanup[2] removing``):
+    nothing else it does can be observed reliably (CPython does not promise to call
+    ``__del__`` at exit, and here it did not)."""
+    exit_log, output, errors = tmp_path / "exit.log", tmp_path / "worker.out", tmp_path / "worker.err"
+    command = [sys.executable, "-m", "sockherd.uvicorn", "exit_app:app"]
+    settings = {
+        "command": command,
+        "cwd": str(APPS),
+        "workers": 1,
+        "env": ["EXIT_LOG"],
+        "environment": {"PYTHONVERBOSE": "1"},
+        "stdout": str(output),
+        "stderr": str(errors),
+        "preload": preload,
+        "preload_teardown": teardown,
+        "preload_spare": False,  # a spare's own imports would add to the worker's stderr
+    }
+    daemon = start_daemon(settings, env={"EXIT_LOG": str(exit_log)})
+    status = daemon.wait_ready(1)
+    (pid,) = [w["pid"] for w in status["workers"] if w["index"] == 0]
+    errors.write_text("")  # from here on: the worker's exit
+    result = daemon.cli("stop")
+    assert result.returncode == 0, result.stderr
+    steps = [line.split()[0] for line in exit_log.read_text().splitlines() if line.split()[1] == str(pid)]
+    # The thread finishes 0.2 s after the shutdown, well after the server stopped: the
+    # exit waited for it before the atexit hooks, as the interpreter's own exit does.
+    assert steps == ["thread", "atexit"], steps
+    assert f"unflushed stdout of {pid}\n" in output.read_text()
+    assert ("# cleanup[2] removing" in errors.read_text()) is torn_down
 
 
 def _read(path: Path) -> str | None:

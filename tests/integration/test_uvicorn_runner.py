@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from sockherd import protocol
+from support.daemon import wait_for
 from support.fake_daemon import FakeDaemon
 from support.lines import Worker, start_worker_process, stop_worker_process, worker_env
 
@@ -208,6 +209,35 @@ def test_a_drained_shutdown_does_not_wait_for_a_quiet_backlog(
     fake_daemon.wait_message("online")
     fake_daemon.send(protocol.message("shutdown", {"backlog_drained": True}))
     assert worker.proc.wait(TIMEOUT) == 0
+
+
+def test_the_drain_ends_when_the_last_connection_closes(
+    start_worker: Callable[..., Worker], fake_daemon: FakeDaemon, connect: Callable[[str], HTTPConnection]
+) -> None:
+    """nginx sends a request on a pooled connection that was idle when the drain began:
+    the answer says `Connection: close`, the connection goes, and that wakes the drain.
+    Its next look at the connections is a minute away here (`DRAIN_POLL`), so a runner
+    that waited for it would not exit in time."""
+    patched = "import sockherd.uvicorn as m; m.DRAIN_POLL = 60.0; m.main()"
+    worker = start_worker(command=("-c", patched))
+    fake_daemon.wait_message("online")
+    pooled = connect(worker.socket_path)
+    assert pooled.request("GET", "/pid")[0] == 200
+    fake_daemon.send(protocol.message("shutdown", {"backlog_drained": True}))
+    wait_for(lambda: _refused(worker.socket_path), TIMEOUT, "the listener closed: the drain is waiting")
+    status, headers, _ = pooled.request("GET", "/pid")
+    assert (status, headers.get("connection")) == (200, "close")
+    assert pooled.at_eof()
+    assert worker.proc.wait(TIMEOUT) == 0
+
+
+def _refused(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return True
+    return False
 
 
 # The runner's tick and uvicorn's (its main loop sleeps 0.1 s through the module's

@@ -281,6 +281,7 @@ def test_every_default(tmp_path: Path) -> None:
         "standby": 0,
         "ready": "notify",
         "preload": False,
+        "preload_teardown": False,
         "env": [],
         "environment": {},
         "cwd": str(tmp_path),

@@ -142,16 +142,24 @@ class ForkServer:
         outputs: list[tuple[str, int]],
         listen_fds: list[int],
         started: asyncio.Future[None] | None = None,
+        *,
+        teardown: bool = False,
     ) -> int:
         """The pid of a new worker, already the daemon's child. Not to be cancelled: the
         channel would fall out of step (callers shield it and clean up after it).
-        ``started`` is resolved when this fork's turn comes (forks queue on the channel)."""
+        ``started`` is resolved when this fork's turn comes (forks queue on the channel).
+        ``teardown``: the worker exits through the interpreter's teardown (``preload_teardown``)."""
         async with self._lock:
             if started is not None and not started.done():
                 started.set_result(None)
             if not self.alive:
                 raise ForkFailed("could not be forked: its generation's preload process is gone")
-            request = {"env": environment, "outputs": [name for name, _ in outputs], "listen": len(listen_fds)}
+            request = {
+                "env": environment,
+                "outputs": [name for name, _ in outputs],
+                "listen": len(listen_fds),
+                "teardown": teardown,
+            }
             fds = [fd for _, fd in outputs] + list(listen_fds)
             self._busy = True
             try:

@@ -179,7 +179,11 @@ class Worker:
         contract = self._contract()
         env = worker_environment(self.spec, os.environ, contract)
         fds = self.listeners.fds if self.listeners is not None else ()
-        preload = Preload(self.generation, contract, self.timeouts.online) if self.spec.preload else None
+        preload = (
+            Preload(self.generation, contract, self.timeouts.online, teardown=self.spec.preload_teardown)
+            if self.spec.preload
+            else None
+        )
         launch = Launch(argv, env, self.spec.cwd, self.spec.stdout, self.spec.stderr, listen_fds=fds, preload=preload)
         try:
             process = await self._processes.launch(launch, self.timeouts.spawn)

@@ -78,6 +78,7 @@ class Preload:
     generation: int
     contract: Mapping[str, str]  # the worker's own variables: the rest of ``env`` is the fork server's
     ready_timeout: float  # for the fork server to import the app (online_timeout)
+    teardown: bool = False  # preload_teardown: the worker exits through the interpreter's teardown
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +329,9 @@ class OsProcesses:
         hold = self._reaper.hold_unknown()  # the worker becomes our child before we know its pid
         # spawn_timeout counts the fork, not the queue: a deploy asks for all its forks at once.
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fork = asyncio.ensure_future(server.fork(dict(preload.contract), outputs, list(launch.listen_fds), started))
+        fork = asyncio.ensure_future(
+            server.fork(dict(preload.contract), outputs, list(launch.listen_fds), started, teardown=preload.teardown)
+        )
         fork.add_done_callback(lambda _: _close_all([fd for _, fd in outputs]))
         try:
             turn: set[asyncio.Future[Any]] = {started, fork}

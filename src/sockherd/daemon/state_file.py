@@ -144,6 +144,7 @@ def spec_to_dict(spec: WorkerSpec) -> dict[str, Any]:
         "backlog": spec.backlog,
         "socket_group": spec.socket_group,
         "preload": spec.preload,
+        "preload_teardown": spec.preload_teardown,
     }
 
 
@@ -166,6 +167,7 @@ def spec_from_dict(data: Any) -> WorkerSpec:
             backlog=int(data["backlog"]),
             socket_group=int(data["socket_group"]) if data.get("socket_group") is not None else None,
             preload=data.get("preload") is True,  # absent from the files of daemons before preload
+            preload_teardown=data.get("preload_teardown") is True,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a worker spec: {exc}") from None

@@ -24,6 +24,7 @@ deploys and waiting at ``warm_point`` (:meth:`ForkServer.wait_warm`, :meth:`Fork
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -80,8 +81,10 @@ class ForkServer:
         self.pid = pid
         self.exited = exited
         self._channel = channel
-        self._lock = asyncio.Lock()
-        self._busy = False  # a request is on the channel, its answer not yet read
+        self._send_lock = asyncio.Lock()
+        # One future per request on the channel whose answer is not read yet, in the order
+        # sent (the fork server answers in that order), each resolved once its answer is read.
+        self._unanswered: collections.deque[asyncio.Future[None]] = collections.deque()
         self._kill_timer: asyncio.TimerHandle | None = None
         self.usable = True  # False once retired, dead, or out of step with its channel
         self.supports_spares = False  # its program calls preload.warm_point (forkservers.py)
@@ -147,11 +150,16 @@ class ForkServer:
     ) -> int:
         """The pid of a new worker, already the daemon's child. Not to be cancelled: the
         channel would fall out of step (callers shield it and clean up after it).
-        ``started`` is resolved when this fork's turn comes (forks queue on the channel).
-        ``teardown``: the worker exits through the interpreter's teardown (``preload_teardown``)."""
-        async with self._lock:
-            if started is not None and not started.done():
-                started.set_result(None)
+
+        Requests are pipelined: a deploy's forks all go out at once, and the fork server
+        takes the next one as soon as it has answered the last, without waiting for the
+        daemon to read that answer and send another (under load that round trip was up to
+        12 ms a worker). ``started`` is resolved when the answers before this one are in:
+        from then on the fork server works on it (``spawn_timeout`` counts from there).
+        ``teardown``: the worker exits through the interpreter's teardown (``preload_teardown``).
+        """
+        loop = asyncio.get_running_loop()
+        async with self._send_lock:  # the order sent is the order answered
             if not self.alive:
                 raise ForkFailed("could not be forked: its generation's preload process is gone")
             request = {
@@ -160,18 +168,30 @@ class ForkServer:
                 "listen": len(listen_fds),
                 "teardown": teardown,
             }
-            fds = [fd for _, fd in outputs] + list(listen_fds)
-            self._busy = True
+            ahead = self._unanswered[-1] if self._unanswered else None
+            answered: asyncio.Future[None] = loop.create_future()
             try:
-                await self._send(json.dumps(request).encode(), fds)
-                reply = await self._receive()
+                await self._send(json.dumps(request).encode(), [fd for _, fd in outputs] + list(listen_fds))
             except BaseException:
                 self.usable = False
+                if not self._unanswered:
+                    self._close()
                 raise
-            finally:
-                self._busy = False
-                if not self.usable:
-                    self._close()  # retired meanwhile: now that the answer is in
+            self._unanswered.append(answered)
+        try:
+            if ahead is not None:
+                await asyncio.shield(ahead)
+            if started is not None and not started.done():
+                started.set_result(None)
+            reply = await self._receive()
+        except BaseException:
+            self.usable = False
+            raise
+        finally:
+            self._unanswered.remove(answered)
+            answered.set_result(None)
+            if not self.usable and not self._unanswered:
+                self._close()  # retired meanwhile: now that the last answer is in
         if "error" in reply:
             raise ForkFailed(f"could not be forked: {reply['error']}")
         pid = reply.get("pid")
@@ -242,7 +262,7 @@ class ForkServer:
         if not self.usable and self._kill_timer is not None:
             return
         self.usable = False
-        if not self._busy:
+        if not self._unanswered:
             self._close()
         if self._kill_timer is None and not self.exited.done():
             self._kill_timer = asyncio.get_running_loop().call_later(_EXIT_GRACE, kill_process_group, self.pid)

@@ -5,7 +5,8 @@ every few seconds, and each call used to pay for the full CLI's imports (argpars
 config checker and its dataclasses, the client and its protocol classes): several times
 Python's own start-up. This path answers those two commands with what they need alone:
 the config files located and merged (:mod:`sockherd.config_files`, without checking
-every key), one connection to the IPC socket (``_socket``: the ``socket`` module spends
+every key; the keys that locate the daemon read by :mod:`sockherd.config_scan`, without
+tomllib, whenever it is sure of them), one connection to the IPC socket (``_socket``: the ``socket`` module spends
 milliseconds building enums), and the status formatter.
 
 It has no messages of its own. Anything it does not recognise (another command, another
@@ -33,7 +34,7 @@ import json
 import os
 import sys
 
-from sockherd.config_files import ConfigError, anchor_path, find_config, load_layers, merge
+from sockherd.config_files import ConfigError, anchor_path, find_config, load_layers, merge, read_keys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ PROTOCOL_VERSION = 1
 DEFAULT_IPC_FILE = "sockherd.ipc"  # the `ipc_file` default in config_settings (a test keeps them equal)
 TIMEOUT = 10.0  # seconds for the daemon to answer; beyond it, the full CLI says what is wrong
 EXIT_FAILED, EXIT_UNREACHABLE = 1, 3  # the full CLI's
+_LOCATING = frozenset({"tmp_dir", "ipc_file", "extends"})  # the keys that say where the IPC socket is
 DEPLOYS = ("start", "restart")
 
 
@@ -195,7 +197,7 @@ def _locate_ipc(config: str | None) -> str:
     cwd = os.getcwd()
     home = os.environ.get("HOME")
     first = find_config(cwd) if config is None else anchor_path(config, cwd, home)
-    values, _ = merge(load_layers(first, cwd, home))
+    values, _ = merge(load_layers(first, cwd, home, read=lambda path, shown: read_keys(path, shown, _LOCATING)))
     tmp_dir = values.get("tmp_dir")
     ipc_file = values.get("ipc_file", DEFAULT_IPC_FILE)
     if not isinstance(tmp_dir, str) or not tmp_dir or "\0" in tmp_dir:

@@ -1,21 +1,23 @@
 """Finding and reading sockherd's config files: discovery, ``extends`` chains, merging.
 
 The part of loading a config that does not check any key, kept apart so that it imports
-little (os and tomllib; paths are strings here, not pathlib's, whose import costs more
-than the rest): :mod:`sockherd.config` builds on it to check every key, and the CLI's
-fast path (:mod:`sockherd.cli_fast`) uses it alone to find the daemon's IPC socket
-without loading the whole config machinery.
+little (os; tomllib only when a file is parsed; paths are strings here, not pathlib's,
+whose import costs more than the rest): :mod:`sockherd.config` builds on it to check
+every key, and the CLI's fast path (:mod:`sockherd.cli_fast`) uses it alone to find the
+daemon's IPC socket without loading the whole config machinery, reading the few keys it
+needs without tomllib when it can (:func:`read_keys`).
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Callable, Collection
     from typing import Any, Final
+
+    ReadTable = Callable[[str, str], "dict[str, Any] | None"]
 
 __all__ = [
     "CONFIG_NAMES",
@@ -26,6 +28,7 @@ __all__ = [
     "find_config",
     "load_layers",
     "merge",
+    "read_keys",
     "read_table",
     "show",
 ]
@@ -85,6 +88,8 @@ def find_config(cwd: str) -> str:
 
 def read_table(path: str, shown: str) -> dict[str, Any] | None:
     """The sockherd table of one file; None for a pyproject.toml without one."""
+    import tomllib  # here: the fast path often needs no parser at all (read_keys)
+
     try:
         with open(path, "rb") as file:
             data = tomllib.load(file)
@@ -103,6 +108,23 @@ def read_table(path: str, shown: str) -> dict[str, Any] | None:
     return table
 
 
+def read_keys(path: str, shown: str, names: frozenset[str]) -> dict[str, Any] | None:
+    """What :func:`read_table` returns, as far as the top-level string keys in ``names``
+    go (the rest of the table may be missing): read without :mod:`tomllib` when
+    :mod:`sockherd.config_scan` is certain of them, else with it."""
+    if os.path.basename(path) != PYPROJECT:
+        from sockherd.config_scan import scan
+
+        try:
+            with open(path, encoding="utf-8") as file:
+                found = scan(file.read(), names)
+        except (OSError, UnicodeDecodeError):
+            found = None  # read_table says what is wrong with it
+        if found is not None:
+            return found
+    return read_table(path, shown)
+
+
 class Layer:
     """One file of an ``extends`` chain: its path, its name in messages, its table."""
 
@@ -114,9 +136,16 @@ class Layer:
         self.table = table
 
 
-def load_layers(first: str, cwd: str, home: str | None, known: Collection[str] | None = None) -> list[Layer]:
+def load_layers(
+    first: str,
+    cwd: str,
+    home: str | None,
+    known: Collection[str] | None = None,
+    read: ReadTable = read_table,
+) -> list[Layer]:
     """The first file and everything it extends, extended files first (the merge order).
-    With ``known``, a key not in it is an error (with a did-you-mean hint)."""
+    With ``known``, a key not in it is an error (with a did-you-mean hint). ``read``
+    reads one file's table (:func:`read_keys` reads only some keys)."""
 
     def shown(path: str) -> str:
         inside = path == cwd or path.startswith(cwd.rstrip("/") + "/")
@@ -131,7 +160,7 @@ def load_layers(first: str, cwd: str, home: str | None, known: Collection[str] |
             chain = " -> ".join([*(layer.shown for layer in layers), shown(path)])
             raise ConfigError(f"{layers[-1].shown}: key 'extends': cycle {chain}")
         seen.append(identity)
-        table = read_table(path, shown(path))
+        table = read(path, shown(path))
         if table is None:
             raise ConfigError(f"{shown(path)}: no [tool.sockherd] table")
         if known is not None:

@@ -7,7 +7,16 @@ import subprocess
 import sys
 
 # What the fast path must not import: the full CLI's start-up, which it exists to avoid.
-HEAVY = ("argparse", "dataclasses", "socket", "asyncio", "sockherd.cli", "sockherd.config", "sockherd.client")
+HEAVY = (
+    "argparse",
+    "dataclasses",
+    "socket",
+    "asyncio",
+    "tomllib",
+    "sockherd.cli",
+    "sockherd.config",
+    "sockherd.client",
+)
 
 
 def sockherd_argv(*args: str, full: bool = False) -> list[str]:

@@ -20,6 +20,12 @@ subreaper (``PR_SET_CHILD_SUBREAPER``), so an orphaned grandchild is reparented 
 and that has happened by the time the fork server has reaped the middle process and
 answers with the worker's pid.
 
+Requests that arrive together (a deploy's, a scale-up's: the daemon sends them without
+waiting for answers) are forked together: every middle process is started before the
+first pid is read, so the workers start side by side, and the answers go out in the
+order asked. Each worker closes what it inherited of its neighbours' requests (their
+log files and listeners, their pipes).
+
 What a forked worker starts with: its own session and process group; its log files on
 stdout and stderr; the listeners at fds 3.. with ``LISTEN_PID`` its own pid; the
 environment of a worker; :mod:`random` re-seeded; the :mod:`sockherd.worker` module
@@ -45,6 +51,7 @@ closing them. ``preload_teardown = true`` keeps it.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import gc
 import importlib
@@ -162,23 +169,71 @@ def fork_point() -> None:
     gc.freeze()
     _send(channel, {"ready": True, "pid": os.getpid(), "spares": _warm_point_reached})
     while True:
-        request, fds = _receive(channel)
-        if request is None:
+        batch = _receive_batch(channel)
+        if not batch:
             _exit_quietly()  # the daemon closed the channel: this generation is retired
         try:
-            pid = _fork_worker(channel, request, fds)
+            forks = _start_forks(channel, batch)
         except _InWorker:
             return  # this is the worker (its set-up closed the received fds): serve
-        except OSError as exc:
-            _close_all(fds)
-            _send(channel, {"error": f"fork failed: {exc.strerror or exc}"})
-            continue
-        _close_all(fds)
+        _answer(channel, batch, forks)
+
+
+def _receive_batch(channel: socket.socket) -> list[tuple[dict[str, Any], list[int]]]:
+    """The next request (waiting for it), and every request queued behind it: a deploy's
+    forks arrive together, and starting them all before waiting for the first to answer
+    lets the workers start side by side. Empty once the daemon closed the channel."""
+    batch = []
+    request, fds = _receive(channel)
+    while request is not None:
+        batch.append((request, fds))
         try:
-            _send(channel, {"pid": pid})
-        except OSError:  # the daemon is gone (or gave up on us): nobody would manage that worker
-            with contextlib.suppress(OSError):
-                os.killpg(pid, 9)
+            request, fds = _receive(channel, wait=False)
+        except BlockingIOError:
+            return batch
+    if batch:  # the daemon closed the channel with requests unanswered: it is gone
+        _close_all([fd for _, received in batch for fd in received])
+        return []
+    return batch
+
+
+_Fork = tuple[int, int] | OSError  # (the pipe the worker's pid comes on, the middle process), or why not
+
+
+def _start_forks(channel: socket.socket, batch: list[tuple[dict[str, Any], list[int]]]) -> list[_Fork]:
+    """Start a fork for each request; raises :class:`_InWorker` in each worker."""
+    forks: list[_Fork] = []
+    for index, (request, fds) in enumerate(batch):
+        # What the worker must not keep: the other requests' descriptors, the other pipes.
+        others = [fd for other, (_, received) in enumerate(batch) if other != index for fd in received]
+        others += [fork[0] for fork in forks if not isinstance(fork, OSError)]
+        try:
+            forks.append(_start_fork(channel, request, fds, others))
+        except OSError as exc:
+            forks.append(exc)
+    return forks
+
+
+def _answer(channel: socket.socket, batch: list[tuple[dict[str, Any], list[int]]], forks: list[_Fork]) -> None:
+    """Each worker's pid, or why there is none, in the order asked."""
+    for fds in (received for _, received in batch):
+        _close_all(fds)
+    for index, fork in enumerate(forks):
+        pid = None if isinstance(fork, OSError) else _finish_fork(*fork)
+        if isinstance(fork, OSError):
+            answer: dict[str, Any] = {"error": f"fork failed: {fork.strerror or fork}"}
+        elif pid is None:
+            answer = {"error": "fork failed: the worker could not be forked (see the output above)"}
+        else:
+            answer = {"pid": pid}
+        try:
+            _send(channel, answer)
+        except OSError:  # the daemon is gone (or gave up on us): nobody would manage these workers
+            unanswered = [pid] + [_finish_fork(*f) for f in forks[index + 1 :] if not isinstance(f, OSError)]
+            for orphan in unanswered:
+                if orphan is not None:
+                    with contextlib.suppress(OSError):
+                        os.killpg(orphan, 9)
             _exit_quietly()
 
 
@@ -215,16 +270,23 @@ class _InWorker(Exception):
     """Raised in the forked worker, after it set itself up, to unwind into :func:`fork_point`'s caller."""
 
 
-def _fork_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]) -> int:
-    """Fork, fork again, let the middle process exit; return the worker's pid (in the fork server).
+def _start_fork(channel: socket.socket, request: dict[str, Any], fds: list[int], others: list[int]) -> tuple[int, int]:
+    """Fork, and in the child fork again and exit: the worker is the grandchild, set up
+    and raising :class:`_InWorker`. In the fork server: (the read end of the pipe the
+    worker's pid comes on, the middle process's pid), for :func:`_finish_fork`.
 
-    Raises :class:`_InWorker` in the worker once it is set up. Anything that goes wrong in
-    the middle process or in the worker's set-up ends that process with status 70
-    (EX_SOFTWARE) after printing why: it must never fall back into this loop.
+    Anything that goes wrong in the middle process or in the worker's set-up ends that
+    process with status 70 (EX_SOFTWARE) after printing why: it must never fall back
+    into the fork server's loop. ``others``: descriptors the worker closes.
     """
     _flush_stdio()  # what the app printed at import: not once per worker
     read_end, write_end = os.pipe()
-    middle = os.fork()
+    try:
+        middle = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        raise
     if middle == 0:
         try:
             os.close(read_end)
@@ -234,6 +296,7 @@ def _fork_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]
                 os.setsid()
                 os.write(write_end, str(os.getpid()).encode())
                 os.close(write_end)
+                _close_all(others)
                 _set_up_worker(channel, request, fds)
                 raise _InWorker
         except _InWorker:
@@ -244,14 +307,18 @@ def _fork_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]
             os._exit(70)
         os._exit(0)  # the middle process: nothing of its own to flush
     os.close(write_end)
+    return read_end, middle
+
+
+def _finish_fork(read_end: int, middle: int) -> int | None:
+    """The worker's pid once it leads its group, and the middle process reaped; None if
+    there is no worker (the middle process or its set-up failed: its output says why)."""
     try:
         data = _read_all(read_end)
     finally:
         os.close(read_end)
     os.waitpid(middle, 0)
-    if not data:
-        raise OSError("the worker could not be forked (see the output above)")
-    return int(data)
+    return int(data) if data else None
 
 
 def _set_up_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
@@ -302,15 +369,24 @@ def _send(channel: socket.socket, message: dict[str, Any]) -> None:
     channel.sendall(json.dumps(message).encode())
 
 
-def _receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+def _receive(channel: socket.socket, *, wait: bool = True) -> tuple[dict[str, Any] | None, list[int]]:
+    """The next message and its descriptors; (None, []) at EOF. Without ``wait``, raises
+    BlockingIOError when nothing is queued. (``socket.recv_fds`` would do, but it drops
+    its ``flags`` argument, up to Python 3.13 at least: MSG_DONTWAIT would block.)"""
+    fds = array.array("i")
     try:
-        data, fds, _flags, _addr = socket.recv_fds(channel, MAX_REQUEST, MAX_FDS)
+        data, ancillary, _flags, _addr = channel.recvmsg(
+            MAX_REQUEST, socket.CMSG_LEN(MAX_FDS * fds.itemsize), 0 if wait else socket.MSG_DONTWAIT
+        )
     except ConnectionResetError:
         return None, []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     if not data:
-        _close_all(fds)
+        _close_all(list(fds))
         return None, []
-    return json.loads(data), fds
+    return json.loads(data), list(fds)
 
 
 def _close_all(fds: list[int]) -> None:

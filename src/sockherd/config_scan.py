@@ -12,8 +12,10 @@ This reads a subset of TOML and knows when it is outside it: :func:`scan` return
 where top-level keys live), every string is a one-line string (a ``\"\"\"`` or ``'''``
 anywhere there gives up), so that brackets and ``#`` outside strings say exactly where
 each value and comment ends; each key line starts with a bare key (a quoted first key,
-which might spell one of the names, gives up); and the values of the names asked for
-are plain one-line strings without escapes (anything else gives up). A property test
+which might spell one of the names, gives up); the values of the names asked for are
+plain one-line strings without escapes (anything else gives up); and no line of the
+rest of the file that starts with ``[`` mentions one of them (``[ipc_file]`` would make
+it a table). A property test
 (``tests/unit/test_config_scan.py``) checks it against :mod:`tomllib` on generated
 files: whenever this returns a value, it is tomllib's.
 
@@ -63,10 +65,18 @@ class _Scanner:
             elif char == "#":
                 self._to_line_end()
             elif char == "[":
-                break  # the first table header: no top-level key comes after it
+                self._check_headers()  # the first table header: no top-level key comes after it
+                break
             else:
                 self._key_value()
         return self.found
+
+    def _check_headers(self) -> None:
+        """A header such as ``[ipc_file]`` makes the name a table: tomllib then has no
+        string for it, and the full CLI must say why rather than this path use a default."""
+        for line in self.text[self.at :].split("\n"):
+            if line.lstrip(_SPACE).startswith("[") and any(name in line for name in self.names):
+                raise _Unsure
 
     def _key_value(self) -> None:
         start = self.at

@@ -9,6 +9,7 @@ under preload), which also writes to stdout without flushing: the exit must flus
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import threading
@@ -34,6 +35,13 @@ def _note(what: str, write: Callable[[int, bytes], int] = os.write, getpid: Call
 def _at_exit() -> None:
     _note("atexit")
     sys.stdout.write(f"unflushed stdout of {os.getpid()}\n")  # block-buffered: a log file
+
+
+# logging.shutdown (registered when logging was first imported) would otherwise run after
+# the hook above, and flush stdout itself through uvicorn's handlers: moved ahead of it,
+# only the exit's own flush can save the line.
+atexit.unregister(logging.shutdown)
+atexit.register(logging.shutdown)
 
 
 def _finish_after_shutdown() -> None:

@@ -4,12 +4,14 @@ It answers with where it was imported, where its on_fork and on_resume hooks ran
 what it was told, so a test can see which process did what. The release comes from
 RELEASE_FILE (new code on disk); a release named "broken" fails to import, as new code
 with a bug in it would. BALLAST_MB allocates that much at import (the memory preload shares).
+FORK_BARRIER makes the forks of one batch wait for each other (see below).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -30,6 +32,27 @@ IMPORT_LOG = open(os.environ["IMPORT_LOG"], "a") if "IMPORT_LOG" in os.environ e
 BALLAST = bytes(int(os.environ.get("BALLAST_MB", "0")) * 1024 * 1024)
 FORKED_IN: list[int] = []
 RESUMED_IN: list[int] = []
+
+
+def _meet_the_other_forks(barrier: str, count: int) -> None:
+    """FORK_BARRIER=DIR:N (tests/integration/test_fork_batch.py): each of the fork server's
+    own children (the middle process of a fork) marks DIR and waits until N have, 5 s at
+    most; one that waited that out leaves ``alone-PID``. Forks started side by side all
+    meet; forks started one after another (each waiting for the last one's pid) cannot."""
+    if os.getppid() != IMPORTED_IN:
+        return  # a worker (the middle process's child), or not forked by the fork server
+    open(os.path.join(barrier, f"middle-{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + 5.0
+    while sum(name.startswith("middle-") for name in os.listdir(barrier)) < count:
+        if time.monotonic() > deadline:
+            open(os.path.join(barrier, f"alone-{os.getpid()}"), "w").close()
+            return
+        time.sleep(0.005)
+
+
+if "FORK_BARRIER" in os.environ:
+    _barrier, _, _count = os.environ["FORK_BARRIER"].rpartition(":")
+    os.register_at_fork(after_in_child=lambda: _meet_the_other_forks(_barrier, int(_count)))
 
 
 @worker.on_fork

@@ -2,9 +2,11 @@
 
 The test plays the daemon on the fork server's channel: it queues three fork requests
 before the fork server has even finished importing the app, so that it finds them all
-at once, as it does a deploy's. Each answer must be the pid of the worker asked for, in
-order, and each worker must hold its own descriptors only: the log files and pipes of
-the workers forked next to it are closed in it.
+at once, as it does a deploy's. The forks' middle processes wait for each other (the
+app's FORK_BARRIER), which they can only do if all were started before the first pid
+was read. Each answer must be the pid of the worker asked for, in order, and each worker
+must hold its own descriptors only: the log files and pipes of the workers forked next
+to it are closed in it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def fork_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], socke
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKHERD_")}
     env[PRELOAD_FD_VAR] = str(theirs.fileno())
     env["SOCKHERD_PRELOAD_SPARE"] = ""
+    (tmp_path / "barrier").mkdir()
+    env["FORK_BARRIER"] = f"{tmp_path / 'barrier'}:{WORKERS}"  # tests/apps/preload_app.py
     with open(tmp_path / "fork-server.log", "wb") as output:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sockherd.uvicorn", "preload_app:app"],
@@ -72,6 +76,9 @@ def test_requests_that_arrive_together_are_forked_together_each_worker_with_its_
         logs.append(str(log))
     assert json.loads(channel.recv(65536))["ready"] is True
     pids = [json.loads(channel.recv(65536))["pid"] for _ in range(WORKERS)]
+    # Each fork's middle process waited for the others': all were started before any pid
+    # was read. Forked one after another, each would have waited alone (5 s, then on).
+    assert not [name for name in os.listdir(tmp_path / "barrier") if name.startswith("alone-")]
     try:
         fake_daemon.wait_for(lambda d: len(hellos(d)) == WORKERS, "every worker's hello")
         said = {hello["pid"]: hello["id"] for hello in hellos(fake_daemon)}

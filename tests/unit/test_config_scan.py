@@ -165,6 +165,8 @@ def test_what_it_reads(document: str, expected: dict[str, str]) -> None:
         'tmp_dir = "/a" "/b"\n',
         "\ufefftmp_dir = '/bom'\n",
         "command = [\n",
+        'name = "a"\n[ipc_file]\nx = 1\n',
+        'tmp_dir = "/t"\n[[extends]]\n',
     ],
     ids=[
         "quoted-key",
@@ -177,6 +179,8 @@ def test_what_it_reads(document: str, expected: dict[str, str]) -> None:
         "junk",
         "bom",
         "unclosed",
+        "a-name-as-a-table",
+        "a-name-as-an-array-of-tables",
     ],
 )
 def test_it_says_when_it_is_unsure(document: str) -> None:

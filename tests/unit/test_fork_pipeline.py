@@ -82,3 +82,31 @@ def test_a_fork_server_retired_with_forks_in_flight_keeps_its_channel_until_the_
         theirs.close()
 
     run(scenario)
+
+
+def test_a_fork_given_up_unanswered_does_not_hand_its_answer_to_the_next() -> None:
+    """Forks are not to be cancelled; if one is anyway, the answer it leaves unread must
+    not become the next fork's pid (that would register one worker twice and lose one)."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        exited: asyncio.Future[int] = loop.create_future()
+        server = ForkServer(KEY, 1, exited, ours)
+        given_up, queued = (asyncio.ensure_future(server.fork({}, [], [])) for _ in range(2))
+        for _ in range(2):
+            await asyncio.wait_for(loop.sock_recv(theirs, 65536), 1)
+        given_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        theirs.send(json.dumps({"pid": 111}).encode())  # the given-up fork's worker
+        theirs.send(json.dumps({"pid": 222}).encode())
+        with pytest.raises(ForkFailed, match="given up"):
+            await queued
+        assert ours.fileno() < 0  # closed: the fork server kills what it could not report
+        exited.set_result(0)
+        theirs.close()
+
+    run(scenario)

@@ -85,6 +85,7 @@ class ForkServer:
         # One future per request on the channel whose answer is not read yet, in the order
         # sent (the fork server answers in that order), each resolved once its answer is read.
         self._unanswered: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._out_of_step = False  # a fork left without reading its answer: the next answers are not theirs
         self._kill_timer: asyncio.TimerHandle | None = None
         self.usable = True  # False once retired, dead, or out of step with its channel
         self.supports_spares = False  # its program calls preload.warm_point (forkservers.py)
@@ -148,8 +149,11 @@ class ForkServer:
         *,
         teardown: bool = False,
     ) -> int:
-        """The pid of a new worker, already the daemon's child. Not to be cancelled: the
-        channel would fall out of step (callers shield it and clean up after it).
+        """The pid of a new worker, already the daemon's child. Not to be cancelled (callers
+        shield it and clean up after it): a cancelled fork leaves its answer unread, and the
+        forks queued behind it then fail rather than take answers that are not theirs (the
+        channel closes once they are done, and the fork server kills the workers it could
+        not report).
 
         Requests are pipelined: a deploy's forks all go out at once, and the fork server
         takes the next one as soon as it has answered the last, without waiting for the
@@ -181,11 +185,17 @@ class ForkServer:
         try:
             if ahead is not None:
                 await asyncio.shield(ahead)
+            if self._out_of_step:
+                raise ForkFailed("could not be forked: a fork before it was given up unanswered")
             if started is not None and not started.done():
                 started.set_result(None)
             reply = await self._receive()
-        except BaseException:
+        except ForkFailed:  # the channel is at EOF, or this answer was read: still in step
             self.usable = False
+            raise
+        except BaseException:  # cancelled while waiting: its answer will come, and is nobody's
+            self.usable = False
+            self._out_of_step = True
             raise
         finally:
             self._unanswered.remove(answered)

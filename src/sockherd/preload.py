@@ -51,29 +51,23 @@ closing them. ``preload_teardown = true`` keeps it.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import gc
 import importlib
-import json
 import logging
 import os
 import random
 import socket
 import sys
 import threading
-import traceback
-from typing import Any, NoReturn
+from typing import Any
 
-from sockherd import worker
+from sockherd import _fork_requests, worker
 
 __all__ = ["PRELOAD_FD_VAR", "SPARE_VAR", "exit_forked_worker", "fork_point", "preloading", "warm_point"]
 
 PRELOAD_FD_VAR = "SOCKHERD_PRELOAD_FD"
 SPARE_VAR = "SOCKHERD_PRELOAD_SPARE"  # set for a spare: wait at warm_point for the next deploy
-MAX_REQUEST = 64 * 1024
-MAX_FDS = 64
-_SD_LISTEN_FDS_START = 3
 
 log = logging.getLogger("sockherd.preload")
 
@@ -113,12 +107,12 @@ def warm_point() -> None:
     try:
         snapshot = ImportSnapshot.take()
         try:
-            _send(channel, {"warm": True, "pid": os.getpid()})
+            _fork_requests.send(channel, {"warm": True, "pid": os.getpid()})
         except OSError:
-            _exit_quietly()  # dropped while it started (the daemon quit, or needs no spare now)
-        request, fds = _receive(channel)
+            _fork_requests.exit_quietly()  # dropped while it started (the daemon quit, or needs no spare now)
+        request, fds = _fork_requests.receive(channel)
         if request is None:
-            _exit_quietly()  # retired before any deploy came
+            _fork_requests.exit_quietly()  # retired before any deploy came
         _take_outputs(request.get("outputs", []), fds)
         try:
             os.chdir(str(request.get("cwd", ".")))
@@ -127,8 +121,8 @@ def warm_point() -> None:
             stale = f"its working directory is gone ({exc.strerror})"
         if stale is not None:
             with contextlib.suppress(OSError):
-                _send(channel, {"stale": stale})
-            _exit_quietly()
+                _fork_requests.send(channel, {"stale": stale})
+            _fork_requests.exit_quietly()
         importlib.invalidate_caches()  # what the finders remember of directories is as old as this process
     finally:
         channel.detach()  # the descriptor stays: fork_point uses it
@@ -137,10 +131,10 @@ def warm_point() -> None:
 def _take_outputs(names: list[str], fds: list[int]) -> None:
     """The deploy's own log files on stdout/stderr: the files named in the config may have
     been rotated since the spare started."""
-    _flush_stdio()
+    _fork_requests.flush_stdio()
     for name, fd in zip(names, fds, strict=False):
         os.dup2(fd, 1 if name == "stdout" else 2)
-    _close_all(fds)
+    _fork_requests.close_all(fds)
 
 
 def fork_point() -> None:
@@ -167,77 +161,23 @@ def fork_point() -> None:
     # write to it (a collection touches every tracked object's header): its pages stay
     # shared copy-on-write. Python's gc docs recommend exactly this before forking.
     gc.freeze()
-    _send(channel, {"ready": True, "pid": os.getpid(), "spares": _warm_point_reached})
-    while True:
-        batch = _receive_batch(channel)
-        if not batch:
-            _exit_quietly()  # the daemon closed the channel: this generation is retired
-        try:
-            forks = _start_forks(channel, batch)
-        except _InWorker:
-            return  # this is the worker (its set-up closed the received fds): serve
-        _answer(channel, batch, forks)
-
-
-def _receive_batch(channel: socket.socket) -> list[tuple[dict[str, Any], list[int]]]:
-    """The next request (waiting for it), and every request queued behind it: a deploy's
-    forks arrive together, and starting them all before waiting for the first to answer
-    lets the workers start side by side. Empty once the daemon closed the channel."""
-    batch = []
-    request, fds = _receive(channel)
-    while request is not None:
-        batch.append((request, fds))
-        try:
-            request, fds = _receive(channel, wait=False)
-        except BlockingIOError:
-            return batch
-    if batch:  # the daemon closed the channel with requests unanswered: it is gone
-        _close_all([fd for _, received in batch for fd in received])
-        return []
-    return batch
-
-
-_Fork = tuple[int, int] | OSError  # (the pipe the worker's pid comes on, the middle process), or why not
-
-
-def _start_forks(channel: socket.socket, batch: list[tuple[dict[str, Any], list[int]]]) -> list[_Fork]:
-    """Start a fork for each request; raises :class:`_InWorker` in each worker."""
-    forks: list[_Fork] = []
-    for index, (request, fds) in enumerate(batch):
-        # What the worker must not keep: the other requests' descriptors, the other pipes.
-        others = [fd for other, (_, received) in enumerate(batch) if other != index for fd in received]
-        others += [fork[0] for fork in forks if not isinstance(fork, OSError)]
-        try:
-            forks.append(_start_fork(channel, request, fds, others))
-        except OSError as exc:
-            forks.append(exc)
-    return forks
-
-
-def _answer(channel: socket.socket, batch: list[tuple[dict[str, Any], list[int]]], forks: list[_Fork]) -> None:
-    """Each worker's pid, or why there is none, in the order asked."""
-    for fds in (received for _, received in batch):
-        _close_all(fds)
-    for index, fork in enumerate(forks):
-        pid = None if isinstance(fork, OSError) else _finish_fork(*fork)
-        if isinstance(fork, OSError):
-            answer: dict[str, Any] = {"error": f"fork failed: {fork.strerror or fork}"}
-        elif pid is None:
-            answer = {"error": "fork failed: the worker could not be forked (see the output above)"}
-        else:
-            answer = {"pid": pid}
-        try:
-            _send(channel, answer)
-        except OSError:  # the daemon is gone (or gave up on us): nobody would manage these workers
-            unanswered = [pid] + [_finish_fork(*f) for f in forks[index + 1 :] if not isinstance(f, OSError)]
-            for orphan in unanswered:
-                if orphan is not None:
-                    with contextlib.suppress(OSError):
-                        os.killpg(orphan, 9)
-            _exit_quietly()
+    _fork_requests.send(channel, {"ready": True, "pid": os.getpid(), "spares": _warm_point_reached})
+    _fork_requests.serve(channel, _become_worker)  # returns in each forked worker, set up
 
 
 _skip_teardown = False  # a forked worker, and the daemon did not ask for the teardown (preload_teardown)
+
+
+def _become_worker(request: dict[str, Any]) -> None:
+    """In a forked worker, its descriptors in place: become what the daemon would have executed."""
+    os.environ.update(request.get("env", {}))
+    if request.get("listen", 0):
+        os.environ["LISTEN_PID"] = str(os.getpid())
+    random.seed()
+    global _skip_teardown
+    _skip_teardown = not request.get("teardown", False)
+    sys.stdout.flush()
+    worker._become_forked_worker()
 
 
 def exit_forked_worker(status: int = 0) -> None:
@@ -262,150 +202,5 @@ def exit_forked_worker(status: int = 0) -> None:
         return  # an interpreter without it: its own exit, teardown included
     wait_for_threads()
     atexit._run_exitfuncs()
-    _flush_stdio()
+    _fork_requests.flush_stdio()
     os._exit(status)
-
-
-class _InWorker(Exception):
-    """Raised in the forked worker, after it set itself up, to unwind into :func:`fork_point`'s caller."""
-
-
-def _start_fork(channel: socket.socket, request: dict[str, Any], fds: list[int], others: list[int]) -> tuple[int, int]:
-    """Fork, and in the child fork again and exit: the worker is the grandchild, set up
-    and raising :class:`_InWorker`. In the fork server: (the read end of the pipe the
-    worker's pid comes on, the middle process's pid), for :func:`_finish_fork`.
-
-    Anything that goes wrong in the middle process or in the worker's set-up ends that
-    process with status 70 (EX_SOFTWARE) after printing why: it must never fall back
-    into the fork server's loop. ``others``: descriptors the worker closes.
-    """
-    _flush_stdio()  # what the app printed at import: not once per worker
-    read_end, write_end = os.pipe()
-    try:
-        middle = os.fork()
-    except OSError:
-        os.close(read_end)
-        os.close(write_end)
-        raise
-    if middle == 0:
-        try:
-            os.close(read_end)
-            if os.fork() == 0:
-                # The pid goes out only once the worker leads its own process group: the
-                # daemon may kill that group the moment it has the pid (a launch given up).
-                os.setsid()
-                os.write(write_end, str(os.getpid()).encode())
-                os.close(write_end)
-                _close_all(others)
-                _set_up_worker(channel, request, fds)
-                raise _InWorker
-        except _InWorker:
-            raise
-        except BaseException:
-            traceback.print_exc()
-            sys.stderr.flush()
-            os._exit(70)
-        os._exit(0)  # the middle process: nothing of its own to flush
-    os.close(write_end)
-    return read_end, middle
-
-
-def _finish_fork(read_end: int, middle: int) -> int | None:
-    """The worker's pid once it leads its group, and the middle process reaped; None if
-    there is no worker (the middle process or its set-up failed: its output says why)."""
-    try:
-        data = _read_all(read_end)
-    finally:
-        os.close(read_end)
-    os.waitpid(middle, 0)
-    return int(data) if data else None
-
-
-def _set_up_worker(channel: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
-    """In the forked worker (already its own session): become what the daemon would have executed."""
-    channel.close()
-    outputs: list[str] = request.get("outputs", [])
-    listen_count = int(request.get("listen", 0))
-    received = list(fds)
-    # Outputs first (they name stdout/stderr), then the listeners to 3..: each source is
-    # first duplicated above every target, so no dup2 overwrites a source still to come.
-    high = _SD_LISTEN_FDS_START + listen_count
-    moved = [_dup_above(fd, high) for fd in received]  # a plain dup could land on a target
-    for fd in received:
-        _close(fd)
-    position = 0
-    for name in outputs:
-        os.dup2(moved[position], 1 if name == "stdout" else 2)
-        position += 1
-    for i in range(listen_count):
-        os.dup2(moved[position + i], _SD_LISTEN_FDS_START + i)
-    for fd in moved:
-        _close(fd)
-    environment: dict[str, str] = request.get("env", {})
-    os.environ.update(environment)
-    if listen_count:
-        os.environ["LISTEN_PID"] = str(os.getpid())
-    random.seed()
-    global _skip_teardown
-    _skip_teardown = not request.get("teardown", False)
-    sys.stdout.flush()
-    worker._become_forked_worker()
-
-
-def _dup_above(fd: int, minimum: int) -> int:
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, minimum)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 64):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _send(channel: socket.socket, message: dict[str, Any]) -> None:
-    channel.sendall(json.dumps(message).encode())
-
-
-def _receive(channel: socket.socket, *, wait: bool = True) -> tuple[dict[str, Any] | None, list[int]]:
-    """The next message and its descriptors; (None, []) at EOF. Without ``wait``, raises
-    BlockingIOError when nothing is queued. (``socket.recv_fds`` would do, but it drops
-    its ``flags`` argument, up to Python 3.13 at least: MSG_DONTWAIT would block.)"""
-    fds = array.array("i")
-    try:
-        data, ancillary, _flags, _addr = channel.recvmsg(
-            MAX_REQUEST, socket.CMSG_LEN(MAX_FDS * fds.itemsize), 0 if wait else socket.MSG_DONTWAIT
-        )
-    except ConnectionResetError:
-        return None, []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    if not data:
-        _close_all(list(fds))
-        return None, []
-    return json.loads(data), list(fds)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        _close(fd)
-
-
-def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-def _exit_quietly(status: int = 0) -> NoReturn:
-    """Without atexit: the app's shutdown hooks belong to its workers, not to the fork server."""
-    _flush_stdio()
-    os._exit(status)
-
-
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()

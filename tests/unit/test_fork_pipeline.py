@@ -25,13 +25,20 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
+def fork_server() -> tuple[ForkServer, socket.socket, asyncio.Future[int]]:
+    """A ForkServer on one end of a socket pair (the test answers on the other) and the
+    future its process's exit would resolve; inside a running loop."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    return ForkServer(KEY, 1, exited, ours), theirs, exited
+
+
 def test_a_deploys_forks_go_out_together_and_each_gets_its_own_answer() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        theirs.setblocking(False)
-        server = ForkServer(KEY, 1, loop.create_future(), ours)
+        server, theirs, _ = fork_server()
         turns = [loop.create_future() for _ in range(3)]
         forks = [
             asyncio.ensure_future(server.fork({"SOCKHERD_WORKER_ID": f"w{i}"}, [], [], turns[i])) for i in range(3)
@@ -49,7 +56,7 @@ def test_a_deploys_forks_go_out_together_and_each_gets_its_own_answer() -> None:
             await forks[1]
         theirs.send(json.dumps({"pid": 103}).encode())
         assert await forks[2] == 103  # a failed fork before it does not put the channel out of step
-        ours.close()
+        server._close()
         theirs.close()
 
     run(scenario)
@@ -61,11 +68,7 @@ def test_a_fork_server_retired_with_forks_in_flight_keeps_its_channel_until_the_
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        theirs.setblocking(False)
-        exited: asyncio.Future[int] = loop.create_future()
-        server = ForkServer(KEY, 1, exited, ours)
+        server, theirs, exited = fork_server()
         forks = [asyncio.ensure_future(server.fork({}, [], [])) for _ in range(2)]
         for _ in range(2):
             await asyncio.wait_for(loop.sock_recv(theirs, 65536), 1)
@@ -74,10 +77,10 @@ def test_a_fork_server_retired_with_forks_in_flight_keeps_its_channel_until_the_
             await server.fork({}, [], [])  # no new request once retired
         theirs.send(json.dumps({"pid": 101}).encode())
         assert await forks[0] == 101
-        assert ours.fileno() >= 0  # one answer still to come
+        assert server._channel.fileno() >= 0  # one answer still to come
         theirs.send(json.dumps({"pid": 102}).encode())
         assert await forks[1] == 102
-        assert ours.fileno() < 0
+        assert server._channel.fileno() < 0
         exited.set_result(0)  # the fork server exits (its channel closed): no kill is due
         theirs.close()
 
@@ -90,11 +93,7 @@ def test_a_fork_given_up_unanswered_does_not_hand_its_answer_to_the_next() -> No
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        theirs.setblocking(False)
-        exited: asyncio.Future[int] = loop.create_future()
-        server = ForkServer(KEY, 1, exited, ours)
+        server, theirs, exited = fork_server()
         given_up, queued = (asyncio.ensure_future(server.fork({}, [], [])) for _ in range(2))
         for _ in range(2):
             await asyncio.wait_for(loop.sock_recv(theirs, 65536), 1)
@@ -105,7 +104,7 @@ def test_a_fork_given_up_unanswered_does_not_hand_its_answer_to_the_next() -> No
         theirs.send(json.dumps({"pid": 222}).encode())
         with pytest.raises(ForkFailed, match="given up"):
             await queued
-        assert ours.fileno() < 0  # closed: the fork server kills what it could not report
+        assert server._channel.fileno() < 0  # closed: the fork server kills what it could not report
         exited.set_result(0)
         theirs.close()
 

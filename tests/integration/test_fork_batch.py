@@ -76,10 +76,10 @@ def test_requests_that_arrive_together_are_forked_together_each_worker_with_its_
         logs.append(str(log))
     assert json.loads(channel.recv(65536))["ready"] is True
     pids = [json.loads(channel.recv(65536))["pid"] for _ in range(WORKERS)]
-    # Each fork's middle process waited for the others': all were started before any pid
-    # was read. Forked one after another, each would have waited alone (5 s, then on).
-    assert not [name for name in os.listdir(tmp_path / "barrier") if name.startswith("alone-")]
     try:
+        # Each fork's middle process waited for the others': all were started before any pid
+        # was read. Forked one after another, each would have waited alone (5 s, then on).
+        assert not [name for name in os.listdir(tmp_path / "barrier") if name.startswith("alone-")]
         fake_daemon.wait_for(lambda d: len(hellos(d)) == WORKERS, "every worker's hello")
         said = {hello["pid"]: hello["id"] for hello in hellos(fake_daemon)}
         assert [said[pid] for pid in pids] == [f"w{i}" for i in range(WORKERS)]  # answered in the order asked

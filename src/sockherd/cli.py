@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sockherd import __version__, cli_messaging
-from sockherd.cli_summary import summary
+from sockherd.cli_summary import Progress, failure, summary
 from sockherd.client import Client, CommandFailed, DaemonUnreachable, RequestFailed
 from sockherd.config import Config, ConfigError, load_config
 from sockherd.status_table import colour_wanted, format_status, health_problems
@@ -157,12 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sockherd: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except CommandFailed as exc:
-        print(f"sockherd: {args.command} failed: {exc}", file=sys.stderr)
-        output = exc.data.get("output") if isinstance(exc.data, dict) else None
-        if output:
-            print("last output of the failed worker:", file=sys.stderr)
-            for line in output:
-                print(f"  | {line}", file=sys.stderr)
+        print(failure(args.command, str(exc), exc.data), file=sys.stderr)
         return EXIT_FAILED
     except RequestFailed as exc:
         print(f"sockherd: {args.command} failed: {exc}", file=sys.stderr)
@@ -237,19 +232,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
-def _progress(text: str) -> None:
-    """A progress line on stderr; once nobody reads it (a closed pipe) the rest are
-    dropped, and the command still waits for its result and reports it by exit code."""
-    global _progress_wanted
-    if not _progress_wanted:
-        return
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except BrokenPipeError:
-        _progress_wanted = False
-
-
-_progress_wanted = True
+_progress = Progress()
 
 
 def _run_client_command(args: argparse.Namespace) -> int:

@@ -6,8 +6,8 @@ config checker and its dataclasses, the client and its protocol classes): severa
 Python's own start-up. This path answers those two commands with what they need alone:
 the config files located and merged (:mod:`sockherd.config_files`, without checking
 every key; the keys that locate the daemon read by :mod:`sockherd.config_scan`, without
-tomllib, whenever it is sure of them), one connection to the IPC socket (``_socket``: the ``socket`` module spends
-milliseconds building enums), and the status formatter.
+tomllib, whenever it is sure of them), one connection to the IPC socket (``_socket``:
+the ``socket`` module spends milliseconds building enums), and the status formatter.
 
 It has no messages of its own. Anything it does not recognise (another command, another
 option, ``-h``) and anything that goes wrong (no config, a config it cannot read, no
@@ -147,26 +147,24 @@ def _deploy(connection: _Connection, command: str, options: frozenset[str]) -> i
     except OSError as exc:
         _say(f"sockherd: could not send to the daemon: {exc}")
         return EXIT_UNREACHABLE
-    progress = True
+    from sockherd.cli_summary import Progress, failure, summary
+
+    progress = Progress()
     try:
         while True:
             reply = connection.reply(2, timeout=None)  # a deploy takes as long as the daemon works
             errors = reply.get("errors")
             if errors:
-                return _failed(command, [str(e) for e in errors], reply.get("data"))
+                _say(failure(command, "; ".join(str(e) for e in errors), reply.get("data")))
+                return EXIT_FAILED
             data = reply.get("data")
             if reply.get("done", True):
                 break
-            if progress and isinstance(data, dict) and "progress" in data:
-                try:
-                    print(str(data["progress"]), file=sys.stderr, flush=True)
-                except BrokenPipeError:  # nobody reads stderr any more: the deploy's result still counts
-                    progress = False
+            if isinstance(data, dict) and "progress" in data:
+                progress(str(data["progress"]))
     except (_Closed, OSError) as exc:
         _say(f"sockherd: {exc}")
         return EXIT_UNREACHABLE
-    from sockherd.cli_summary import summary
-
     try:
         print(json.dumps(data, indent=2) if "--json" in options else summary(command, data))
     except BrokenPipeError:
@@ -180,16 +178,6 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr)
     except OSError:
         return
-
-
-def _failed(command: str, errors: list[str], data: Any) -> int:
-    """As the full CLI reports a CommandFailed."""
-    lines = [f"sockherd: {command} failed: {'; '.join(errors)}"]
-    output = data.get("output") if isinstance(data, dict) else None
-    if output:
-        lines += ["last output of the failed worker:", *(f"  | {line}" for line in output)]
-    _say("\n".join(lines))
-    return EXIT_FAILED
 
 
 def _locate_ipc(config: str | None) -> str:

@@ -1,14 +1,43 @@
-"""What a command that changed the herd prints when it succeeded: shared by the full CLI
-and its fast path (:mod:`sockherd.cli_fast`), so the two say the same, byte for byte.
-Light on purpose: the fast path imports it."""
+"""What a command that changes the herd prints: its progress, its summary when it
+succeeded, its failure. Shared by the full CLI and its fast path
+(:mod:`sockherd.cli_fast`), so the two say the same, byte for byte. Light on purpose:
+the fast path imports it."""
 
 from __future__ import annotations
+
+import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["summary"]
+__all__ = ["Progress", "failure", "summary"]
+
+
+class Progress:
+    """Prints progress lines on stderr; once nobody reads them (a closed pipe) the rest
+    are dropped, and the command still waits for its result and reports it by exit code."""
+
+    def __init__(self) -> None:
+        self.wanted = True
+
+    def __call__(self, text: str) -> None:
+        if not self.wanted:
+            return
+        try:
+            print(text, file=sys.stderr, flush=True)
+        except BrokenPipeError:
+            self.wanted = False
+
+
+def failure(command: str, reason: str, data: Any) -> str:
+    """What a command the daemon refused or failed prints on stderr (with the failed
+    worker's last output, when the daemon sent it)."""
+    lines = [f"sockherd: {command} failed: {reason}"]
+    output = data.get("output") if isinstance(data, dict) else None
+    if output:
+        lines += ["last output of the failed worker:", *(f"  | {line}" for line in output)]
+    return "\n".join(lines)
 
 
 def summary(command: str, result: Any) -> str:

@@ -99,8 +99,8 @@ class ImportSnapshot:
         if _file_id(sys.executable) != self.executable:
             return f"the interpreter {sys.executable} changed"
         for given, real in self.resolved.items():
-            if os.path.realpath(given or ".") != real:
-                return f"{given or '.'} now leads to {os.path.realpath(given or '.')}, not {real}"
+            if (now := os.path.realpath(given or ".")) != real:
+                return f"{given or '.'} now leads to {now}, not {real}"
         for path, identity in self.modules.items():
             if _file_id(path) != identity:
                 return f"{path} changed"

@@ -61,7 +61,7 @@ class ForkServers:
         Concurrent launches of one generation share one start, and its failure."""
         self._timeouts = (spawn_timeout, ready_timeout)
         task = self._servers.get(key)
-        if task is not None and task.done() and (task.cancelled() or task.exception() or not task.result().alive):
+        if task is not None and _gone(task):
             task = None
         if task is None:
             spare = self._claim_spare(key)
@@ -152,7 +152,7 @@ class ForkServers:
         spec = spare_spec(newest) if newest is not None else None
         if self._spare is not None:
             current, task = self._spare
-            if current == spec and not (task.done() and (not _started(task) or not task.result().alive)):
+            if current == spec and not _gone(task):
                 return
             self._spare = None
             _drop(task)
@@ -213,6 +213,11 @@ class ForkServers:
 
 def _started(task: asyncio.Task[ForkServer]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None
+
+
+def _gone(task: asyncio.Task[ForkServer]) -> bool:
+    """A fork server that failed to start, or started and died: one is started afresh."""
+    return task.done() and (not _started(task) or not task.result().alive)
 
 
 def _retire_task(task: asyncio.Task[ForkServer]) -> None:

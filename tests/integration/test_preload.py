@@ -25,7 +25,7 @@ from sockherd.daemon.forkserver import PRELOAD_FD_VAR
 from support.daemon import bump, installable_copy, wait_for
 from support.http import build_request, read_response
 from support.nginx import free_port
-from support.preloaded import APPS, answer, fork_server, fork_servers, gone, preloaded, zombie
+from support.preloaded import APPS, answer, fork_server, fork_servers, gone, preloaded, start_preloaded, zombie
 
 
 def test_workers_are_forked_from_one_import_and_are_the_daemons_children(
@@ -52,9 +52,7 @@ def test_workers_are_forked_from_one_import_and_are_the_daemons_children(
 
 
 def test_without_preload_each_worker_imports_the_app_itself(tmp_path: Path, start_daemon: DaemonFactory) -> None:
-    settings, env, _ = preloaded(tmp_path, preload=False)
-    daemon = start_daemon(settings, env=env)
-    daemon.wait_ready(2)
+    daemon, _ = start_preloaded(start_daemon, tmp_path, preload=False)
     assert fork_servers(daemon) == {}
     for i in range(2):
         result = answer(daemon, i)
@@ -65,9 +63,7 @@ def test_without_preload_each_worker_imports_the_app_itself(tmp_path: Path, star
 def test_a_crashed_worker_is_forked_again_from_the_same_fork_server(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    settings, env, _ = preloaded(tmp_path)
-    daemon = start_daemon(settings, env=env)
-    daemon.wait_ready(2)
+    daemon, _ = start_preloaded(start_daemon, tmp_path)
     server_pid = fork_server(daemon)
     victim = answer(daemon, 0)["pid"]
     mark = daemon.mark()
@@ -83,9 +79,7 @@ def test_a_crashed_worker_is_forked_again_from_the_same_fork_server(
 def test_a_restart_imports_the_new_release_once_and_retires_the_old_fork_server(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    settings, env, release = preloaded(tmp_path)
-    daemon = start_daemon(settings, env=env)
-    daemon.wait_ready(2)
+    daemon, release = start_preloaded(start_daemon, tmp_path)
     old_server = fork_server(daemon)
     release.write_text("2")
     result = daemon.cli("restart")
@@ -122,9 +116,7 @@ def test_new_code_that_fails_to_import_fails_the_restart_and_the_old_generation_
 def test_a_suspended_preloaded_restart_runs_resume_hooks_in_each_worker_at_resume(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    settings, env, release = preloaded(tmp_path)
-    daemon = start_daemon(settings, env=env)
-    daemon.wait_ready(2)
+    daemon, release = start_preloaded(start_daemon, tmp_path)
     release.write_text("2")
     result = daemon.cli("restart", "--suspended")
     assert result.returncode == 0, result.stderr

@@ -21,7 +21,7 @@ from conftest import DaemonFactory
 from sockherd import preload
 from sockherd.daemon.forkserver import SPARE_VAR
 from support.daemon import RunningDaemon, wait_for, write_config
-from support.preloaded import APPS, answer, flip, fork_server, fork_servers, gone, preloaded
+from support.preloaded import APPS, answer, flip, fork_server, fork_servers, gone, preloaded, start_preloaded
 
 
 def warm_spare(daemon: RunningDaemon) -> int:
@@ -33,9 +33,7 @@ def warm_spare(daemon: RunningDaemon) -> int:
 def test_a_deploy_takes_the_warm_spare_and_imports_the_new_release_in_it(
     tmp_path: Path, start_daemon: DaemonFactory
 ) -> None:
-    settings, env, release = preloaded(tmp_path)
-    daemon = start_daemon(settings, env=env)
-    daemon.wait_ready(2)
+    daemon, release = start_preloaded(start_daemon, tmp_path)
     first_server = fork_server(daemon)
     spare = warm_spare(daemon)
     assert spare != first_server
@@ -117,9 +115,7 @@ def test_a_release_that_fails_to_import_in_the_spare_fails_the_deploy_with_its_t
 
 
 def test_the_spare_exits_with_the_daemon(tmp_path: Path, start_daemon: DaemonFactory) -> None:
-    settings, env, _ = preloaded(tmp_path)
-    daemon = start_daemon(settings, env=env)
-    daemon.wait_ready(2)
+    daemon, _ = start_preloaded(start_daemon, tmp_path)
     spare = warm_spare(daemon)
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
@@ -135,9 +131,7 @@ def test_no_spare_for_a_program_without_a_warm_point(tmp_path: Path, start_daemo
         "from sockherd import preload; import preload_app; preload.fork_point(); "
         "import sockherd.uvicorn; sockherd.uvicorn.run(preload_app.app)",
     ]
-    settings, env, _ = preloaded(tmp_path, command=command)
-    daemon = start_daemon(settings, env=env)
-    daemon.wait_ready(2)
+    daemon, _ = start_preloaded(start_daemon, tmp_path, command=command)
     result = answer(daemon, 0)
     assert result["imported_in"] != result["pid"]  # forked from a fork server: it is preloaded
     assert daemon.cli("restart").returncode == 0
@@ -234,9 +228,7 @@ def test_a_spare_still_starting_when_the_daemon_quits_does_not_outlive_it(
         "import os, time; os.environ.get('SOCKHERD_PRELOAD_SPARE') and time.sleep(30); "
         "import sockherd.uvicorn; sockherd.uvicorn.main()"
     )
-    settings, env, _ = preloaded(tmp_path, command=[sys.executable, "-c", slow_spare, "preload_app:app"])
-    daemon = start_daemon(settings, env=env)
-    daemon.wait_ready(2)
+    daemon, _ = start_preloaded(start_daemon, tmp_path, command=[sys.executable, "-c", slow_spare, "preload_app:app"])
 
     def starting_spare() -> int | None:
         for child in psutil.Process(daemon.proc.pid).children():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,17 @@ def preloaded(tmp_path: Path, **settings: Any) -> tuple[dict[str, Any], dict[str
     release.write_text("1")
     config = {"command": RUNNER, "cwd": str(APPS), "preload": True, "workers": 2, "env": ["RELEASE_FILE"], **settings}
     return config, {"RELEASE_FILE": str(release)}, release
+
+
+def start_preloaded(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path, **settings: Any
+) -> tuple[RunningDaemon, Path]:
+    """A daemon running tests/apps/preload_app.py preloaded (:func:`preloaded`), its 2
+    workers published: (the daemon, the release file)."""
+    config, env, release = preloaded(tmp_path, **settings)
+    daemon = start_daemon(config, env=env)
+    daemon.wait_ready(2)
+    return daemon, release
 
 
 def answer(daemon: RunningDaemon, index: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-__all__ = ["InWorker", "close_all", "exit_quietly", "flush_stdio", "receive", "send", "serve"]
+__all__ = ["close_all", "exit_quietly", "flush_stdio", "receive", "send", "serve"]
 
 MAX_REQUEST = 64 * 1024
 MAX_FDS = 64
@@ -39,7 +39,7 @@ def serve(channel: socket.socket, set_up: SetUp) -> None:
             exit_quietly()  # the daemon closed the channel: this generation is retired
         try:
             forks = _start_forks(channel, batch, set_up)
-        except InWorker:
+        except _InWorker:
             return  # this is the worker (its set-up closed the received fds): serve
         _answer(channel, batch, forks)
 
@@ -66,7 +66,7 @@ _Fork = tuple[int, int] | OSError  # (the pipe the worker's pid comes on, the mi
 
 
 def _start_forks(channel: socket.socket, batch: list[tuple[dict[str, Any], list[int]]], set_up: SetUp) -> list[_Fork]:
-    """Start a fork for each request; raises :class:`InWorker` in each worker."""
+    """Start a fork for each request; raises :class:`_InWorker` in each worker."""
     forks: list[_Fork] = []
     for index, (request, fds) in enumerate(batch):
         # What the worker must not keep: the other requests' descriptors, the other pipes.
@@ -102,7 +102,7 @@ def _answer(channel: socket.socket, batch: list[tuple[dict[str, Any], list[int]]
             exit_quietly()
 
 
-class InWorker(Exception):
+class _InWorker(Exception):
     """Raised in the forked worker, after it set itself up, to unwind into :func:`fork_point`'s caller."""
 
 
@@ -110,7 +110,7 @@ def _start_fork(
     channel: socket.socket, request: dict[str, Any], fds: list[int], others: list[int], set_up: SetUp
 ) -> tuple[int, int]:
     """Fork, and in the child fork again and exit: the worker is the grandchild, set up
-    and raising :class:`InWorker`. In the fork server: (the read end of the pipe the
+    and raising :class:`_InWorker`. In the fork server: (the read end of the pipe the
     worker's pid comes on, the middle process's pid), for :func:`_finish_fork`.
 
     Anything that goes wrong in the middle process or in the worker's set-up ends that
@@ -138,8 +138,8 @@ def _start_fork(
                 close_all(others)
                 _place_descriptors(channel, request, fds)
                 set_up(request)
-                raise InWorker
-        except InWorker:
+                raise _InWorker
+        except _InWorker:
             raise
         except BaseException:
             traceback.print_exc()

@@ -150,11 +150,14 @@ def test_a_closed_stderr_loses_the_progress_not_the_result(start_daemon: DaemonF
 
 
 class ScriptedDaemon:
-    """A UNIX socket that greets like the daemon, then answers a command with ``lines``."""
+    """A UNIX socket that greets like the daemon, then answers a command with ``lines``;
+    with ``hello_errors``, refuses the hello instead and records what comes after it."""
 
-    def __init__(self, path: Path, lines: list[bytes]) -> None:
+    def __init__(self, path: Path, lines: list[bytes], hello_errors: list[str] | None = None) -> None:
         self.path = path
         self.lines = lines
+        self.hello_errors = hello_errors
+        self.after_refusal: list[bytes] = []
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(str(path))
         self.listener.listen()
@@ -168,6 +171,18 @@ class ScriptedDaemon:
                 with conn:
                     reader = conn.makefile("rb")
                     hello = json.loads(reader.readline())
+                    if self.hello_errors is not None:
+                        refusal = {
+                            "type": "reply",
+                            "request_id": hello["id"],
+                            "done": True,
+                            "errors": self.hello_errors,
+                        }
+                        conn.sendall(json.dumps(refusal).encode() + b"\n")
+                        if rest := reader.readline():  # the client should hang up, not send the command
+                            self.after_refusal.append(rest)
+                        reader.close()
+                        continue
                     greeting = {"daemon_pid": 1, "version": "0.1.0", "name": "app"}
                     conn.sendall(
                         json.dumps(
@@ -219,3 +234,27 @@ def test_what_a_daemon_could_send_is_read_as_the_full_cli_reads_it(tmp_path: Pat
         fast, full = scripted(tmp_path, lines, full=False), scripted(tmp_path, lines, full=True)
         assert (fast.returncode, fast.stdout, fast.stderr) == (full.returncode, full.stdout, full.stderr), lines
         assert fast.returncode == code, (lines, fast.stderr)
+
+
+def test_a_refused_hello_hands_the_deploy_over_without_sending_it(tmp_path: Path) -> None:
+    """Up to the daemon's greeting the fast path has asked nothing: a refused hello (another
+    protocol version) goes to the full CLI, which says why; the command is never sent."""
+    runs = []
+    for full in (False, True):
+        server = ScriptedDaemon(tmp_path / f"ipc-{full}", [], hello_errors=["unsupported protocol version 1"])
+        try:
+            runs.append(
+                subprocess.run(
+                    sockherd_argv("restart", "-i", str(server.path), full=full),
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+            )
+        finally:
+            server.close()
+        assert server.after_refusal == []
+    fast, full_cli = runs
+    assert (fast.returncode, fast.stdout, fast.stderr) == (full_cli.returncode, full_cli.stdout, full_cli.stderr)
+    assert "unsupported protocol version 1" in fast.stderr

@@ -133,6 +133,26 @@ def test_no_spare_when_the_newest_preloaded_generation_is_gone() -> None:
     run(scenario)
 
 
+def test_a_spare_for_settings_no_longer_newest_is_retired_for_one_of_the_new_settings() -> None:
+    async def scenario() -> None:
+        starts = FakeStarts()
+        servers = fork_servers(starts)
+        served(servers, key(1), spares=True)
+        servers.keep_spare({1})
+        await settle(servers)
+        first = servers._spare
+        assert first is not None
+        served(servers, key(2, env=(("A", "2"),)), spares=True)  # a deploy with another environment
+        servers.keep_spare({1, 2})
+        await settle(servers)
+        assert not first[1].result().usable  # the old settings' spare is retired
+        assert len(starts.started) == 2
+        assert starts.started[1] == dataclasses.replace(key(2), generation=0, env=(("A", "2"), (SPARE_VAR, "1")))
+        starts.close(servers)
+
+    run(scenario)
+
+
 def test_a_deploy_with_the_same_settings_takes_the_spare_and_another_retires_it() -> None:
     async def scenario() -> None:
         starts = FakeStarts()

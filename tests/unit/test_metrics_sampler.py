@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -59,19 +60,25 @@ def test_rss_is_the_familys_and_cpu_a_percentage(family: psutil.Process) -> None
     assert rss2 > 0 and cpu2 < 50.0
 
 
-def test_cpu_is_the_share_of_a_core_the_process_spent() -> None:
-    """A process that spins shows it: its lifetime average on the first round, then the
-    share since the round before. (The family above only sleeps: near zero either way.)"""
-    code = (
+def test_cpu_is_the_share_of_a_core_the_family_spent() -> None:
+    """A worker whose child spins shows it: the lifetime average on the first round, then
+    the share since the round before, and near zero once it has been idle since. The child
+    spins in the kernel (reading /dev/zero), so user time alone would not show it. (The
+    family above only sleeps: near zero either way.)"""
+    spinner = (
         "import sys, time\n"
+        "zero = open('/dev/zero', 'rb', buffering=0)\n"
         "def spin(seconds):\n"
         "    end = time.process_time() + seconds\n"
-        "    while time.process_time() < end: pass\n"
+        "    while time.process_time() < end: zero.read(1 << 20)\n"
         "spin(0.3); print('spun', flush=True)\n"
         "sys.stdin.readline(); spin(0.3); print('spun', flush=True)\n"
         "sys.stdin.readline()\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    worker = "import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', sys.argv[1]]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", worker, spinner], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdin is not None and proc.stdout is not None
     try:
         assert proc.stdout.readline() == "spun\n"
@@ -85,7 +92,13 @@ def test_cpu_is_the_share_of_a_core_the_process_spent() -> None:
         # A share of one core, well above zero even on a machine busy enough to halve it;
         # at most one core, give or take the kernel's clock ticks (10 ms in a 0.3 s window).
         assert 20.0 < lifetime <= 110.0 and 20.0 < since <= 110.0, (lifetime, since)
+        time.sleep(0.3)  # a window in which the family does nothing: what the next round measures
+        sampler.forget_unseen()
+        _, idle = sampler.usage(proc.pid)
+        assert idle < 10.0, idle  # since the second round, not since the first
     finally:
+        for member in psutil.Process(proc.pid).children(recursive=True):
+            member.kill()
         proc.kill()
         proc.wait()
         proc.stdin.close()
